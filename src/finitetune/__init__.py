@@ -1,0 +1,44 @@
+"""finitetune: fine-tuning that stays finite, learns, and says plainly when it would not have.
+
+The public surface is the short ``__all__`` below (locked by ``tests/test_public_api.py``).
+Names resolve lazily so that ``import finitetune`` (and CLI verbs such as ``report`` that need no
+model) does not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "validate_labels": "finitetune.data.labels",
+    "LabelReport": "finitetune.data.labels",
+    "causal_lm_loss": "finitetune.loss",
+    "Guard": "finitetune.guard.guard",
+    "GuardConfig": "finitetune.config",
+    "StepOutcome": "finitetune.guard.policy",
+    "GuardCallback": "finitetune.integrations.hf",
+    "NonFiniteHalt": "finitetune.errors",
+    "choose_precision": "finitetune.precision",
+    "PrecisionPlan": "finitetune.precision",
+    "health_report": "finitetune.report.health",
+    "HealthReport": "finitetune.report.health",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'finitetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

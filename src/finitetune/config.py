@@ -1,0 +1,233 @@
+"""Configuration dataclasses. Every field has a docstring: it is the reference documentation.
+
+``TrainConfig`` is what ``finitetune train`` resolves from defaults, ``--config FILE.yaml`` and
+CLI flags (in that order of precedence, flags last) and writes back as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from finitetune.errors import ConfigError
+
+
+class LabelPolicy(str, Enum):
+    """What the data pipeline does with an example that has nothing (or too little) to learn."""
+
+    DROP = "drop"
+    """Leave the example out and count it in ``label_report.json``."""
+    ERROR = "error"
+    """Stop before training and name the examples."""
+    FIX = "fix"
+    """Truncate the prompt from the left so the response and EOS survive; drop what cannot be fixed."""
+
+
+class GuardPolicy(str, Enum):
+    """What the guard does when a step is non-finite or spikes."""
+
+    SKIP = "skip"
+    """Do not take the optimizer step; parameters and optimizer state stay bit-identical."""
+    ROLLBACK = "rollback"
+    """Restore the last good snapshot, lower the learning rate, skip the batch."""
+    HALT = "halt"
+    """Stop training at the first fault (after writing the run's files)."""
+
+
+@dataclass
+class GuardConfig:
+    """Settings of :class:`finitetune.Guard` and :class:`finitetune.GuardCallback`."""
+
+    policy: GuardPolicy | str = GuardPolicy.SKIP
+    """Action on a non-finite step: ``skip``, ``rollback`` or ``halt``."""
+
+    max_grad_norm: float | None = None
+    """Clip to this total norm, using the norm the guard already computed (no second pass).
+    ``None`` or ``0`` disables clipping. With ``GuardCallback`` the Trainer's own
+    ``max_grad_norm`` is taken over by the guard."""
+
+    max_consecutive_skips: int = 5
+    """Halt with :class:`finitetune.NonFiniteHalt` after this many faulty steps in a row."""
+
+    scheduler_on_skip: bool = False
+    """Advance the LR scheduler on a skipped step too (default: it stays, as Trainer does for
+    fp16 overflow skips)."""
+
+    spike_window: int = 50
+    """Number of recent finite values the spike detector keeps."""
+
+    spike_warmup: int = 20
+    """Finite values needed before the spike detector may fire."""
+
+    spike_threshold: float = 10.0
+    """Robust z-score (in MAD units) above which a loss or grad norm counts as a spike."""
+
+    spike_action: str = "skip"
+    """Action on a spike: ``warn``, ``skip``, ``reduce_lr`` or ``rollback``."""
+
+    snapshot_every: int = 1
+    """Take a last-good snapshot every this many applied steps (rollback policy only)."""
+
+    lr_backoff: float = 0.5
+    """Multiply every param group's LR by this on rollback or ``reduce_lr``."""
+
+    max_rollbacks: int = 3
+    """Halt after this many rollbacks."""
+
+    zero_loss_patience: int = 10
+    """Warn when the loss is exactly 0.0 for this many consecutive steps."""
+
+    pinned_norm_patience: int = 20
+    """Warn when the pre-clip grad norm is pinned (constant or at ``max_grad_norm``) this long."""
+
+    def __post_init__(self) -> None:
+        self.policy = _enum(GuardPolicy, self.policy, "guard policy")
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how it becomes token ids and labels."""
+
+    path: str | None = None
+    """JSONL, CSV, Parquet file or a ``datasets.save_to_disk`` folder. ``None``: the model's
+    embedded task (BBC topics for ``demo``, the generated task for ``tiny``)."""
+
+    prompt_field: str = "prompt"
+    """Column holding the prompt (prompt/response format)."""
+
+    response_field: str = "response"
+    """Column holding the response, the only part that is supervised."""
+
+    messages_field: str = "messages"
+    """Column holding chat ``[{"role", "content"}, ...]``; used when present instead of
+    prompt/response. Only the last assistant turn is supervised."""
+
+    max_length: int = 256
+    """Tokens per example after truncation. The prompt is truncated from the left first so the
+    response survives when it can."""
+
+    eval_size: int = 200
+    """Held-out examples for evaluation (deterministic split by ``seed``)."""
+
+    on_label_problem: LabelPolicy | str = LabelPolicy.DROP
+    """``drop``, ``error`` or ``fix`` for examples that keep no supervised token."""
+
+    min_response_tokens: int = 1
+    """With ``fix``: response tokens (plus EOS) that must survive prompt truncation."""
+
+    def __post_init__(self) -> None:
+        self.on_label_problem = _enum(LabelPolicy, self.on_label_problem, "on_label_problem")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``finitetune train`` needs. Unknown YAML keys are an error, not ignored."""
+
+    model: str = "demo"
+    """``demo`` (SmolLM2-135M-Instruct), ``tiny`` (built in code), a local model directory or a
+    hub id."""
+
+    output_dir: str | None = None
+    """Run directory. Default: ``runs/<model>-<timestamp>``."""
+
+    overwrite: bool = False
+    """Allow writing into a non-empty ``output_dir`` (its old files are replaced)."""
+
+    resume: bool = False
+    """Continue from the newest ``checkpoint-*`` in ``output_dir``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data source and tokenisation."""
+
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Gradient guard settings."""
+
+    lora_r: int = 16
+    """LoRA rank; ``0`` means full fine-tuning."""
+
+    lora_alpha: int | None = None
+    """LoRA alpha (default ``2 * lora_r``)."""
+
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
+
+    lora_targets: list[str] | str = "all-linear"
+    """Modules that get adapters: ``all-linear`` or a list such as ``[q_proj, v_proj]``."""
+
+    learning_rate: float = 1e-3
+    """Peak learning rate."""
+
+    warmup_ratio: float = 0.0
+    """Fraction of steps for linear warm-up."""
+
+    lr_scheduler_type: str = "cosine"
+    """Any ``transformers`` scheduler name (linear, cosine, constant, ...)."""
+
+    num_train_epochs: float = 1.0
+    """Epochs, used when ``max_steps`` is not set."""
+
+    max_steps: int = -1
+    """Optimizer steps; overrides epochs when > 0."""
+
+    per_device_train_batch_size: int = 8
+    """Micro-batch size per device."""
+
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+
+    max_grad_norm: float = 1.0
+    """Clip the total gradient norm to this (0 disables). The guard clips with its own
+    pre-clip norm."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    logging_steps: int = 5
+    """Log (and write a ``metrics.jsonl`` line) every this many optimizer steps."""
+
+    save_steps: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+
+    save_total_limit: int | None = 2
+    """Checkpoints kept."""
+
+    seed: int = 0
+    """Seed for data split, shuffling, initialisation and dropout."""
+
+    precision: str = "auto"
+    """``auto``, ``bf16``, ``fp16`` or ``fp32``."""
+
+    trust_remote_code: bool = False
+    """Allow a model directory's own Python code to run. Off unless asked for."""
+
+    eval_before: bool = True
+    """Measure exact-match accuracy before training too (the baseline)."""
+
+    eval_max_new_tokens: int = 8
+    """Greedy generation budget per evaluation example."""
+
+    eval_batch_size: int = 32
+    """Examples per generation batch in evaluation."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _enum(cls: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return cls(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
