@@ -108,6 +108,13 @@ class DataConfig:
     """Tokens per example after truncation. The prompt is truncated from the left first so the
     response survives when it can."""
 
+    template: str = "auto"
+    """``auto`` (the tokenizer's chat template when it has one), ``chat`` or ``plain`` text."""
+
+    truncation: str = "prompt_left"
+    """``prompt_left``: drop the oldest prompt tokens first so the response survives;
+    ``right``: cut the end, as ``tokenizer(truncation=True)`` does."""
+
     eval_size: int = 200
     """Held-out examples for evaluation (deterministic split by ``seed``)."""
 
@@ -119,6 +126,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.on_label_problem = _enum(LabelPolicy, self.on_label_problem, "on_label_problem")
+        if self.template not in ("auto", "chat", "plain"):
+            raise ConfigError(f"unknown template {self.template!r}; choose auto, chat or plain")
+        if self.truncation not in ("prompt_left", "right"):
+            raise ConfigError(f"unknown truncation {self.truncation!r}; use prompt_left or right")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
 
 
 @dataclass

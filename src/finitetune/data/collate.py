@@ -1,0 +1,49 @@
+"""Batching: pad to the longest row, mask padding by position, count supervised tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finitetune.data.tokenize import IGNORE_INDEX
+
+
+class CausalLMCollator:
+    """Right-pads ``input_ids``/``labels`` for training.
+
+    Padding is masked by *position* (the attention mask), never by comparing token ids with
+    the pad id: with pad = eos (SmolLM2, Llama-3, ...) masking by id would also mask the EOS
+    that ends every answer, and the model would never learn to stop.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        n = len(rows)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            input_ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            labels[i, :k] = torch.as_tensor(r["labels"], dtype=torch.long)
+            attention[i, :k] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask for batched greedy generation."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    return ids, mask

@@ -1,0 +1,298 @@
+"""The main job: data -> model -> Trainer (+ guard) -> evaluation -> run directory.
+
+Everything that can fail because of the user's input (data file, model directory, config) is
+checked *before* the run directory is touched, so a bad input leaves nothing half-written.
+Once training starts, every file is written as it happens (metrics/events line by line,
+checkpoints by the Trainer, JSON atomically), and ``finally`` writes the evaluation and report
+even when training stops early.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finitetune.config import TrainConfig
+from finitetune.errors import ConfigError, DataError
+from finitetune.jsonio import write_json_atomic, write_text_atomic
+
+log = logging.getLogger("finitetune")
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "events.jsonl", "eval.json", "label_report.json",
+             "report.md", "report.json", "report.html")
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run produced."""
+
+    output_dir: Path
+    eval_before: dict | None = None
+    eval_after: dict | None = None
+    global_step: int = 0
+    train_seconds: float = 0.0
+    stopped: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def default_records(model: str, seed: int) -> list[dict]:
+    """The embedded task that goes with a built-in model."""
+    from finitetune.data import demo
+
+    if model == "tiny":
+        return demo.tiny_task(1400, seed=seed)
+    if model == "demo":
+        return demo.bbc_topics()
+    raise ConfigError(f"--model {model} has no embedded task: pass --data FILE")
+
+
+def split_records(records: list[dict], eval_size: int, seed: int) -> tuple[list, list]:
+    """Deterministic held-out split: the same seed gives the same eval set on every machine."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(eval_size, len(records) // 5) if len(records) < 5 * eval_size else eval_size
+    eval_idx, train_idx = set(order[:n_eval]), order[n_eval:]
+    return [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(eval_idx)]
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir or f"runs/{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} is not empty; pass --resume to continue that run or "
+                              "--overwrite to replace it")
+        if not (out / "config.yaml").exists():
+            raise ConfigError(f"refusing to --overwrite {out}: it is not a finitetune run "
+                              "directory (no config.yaml); choose another --output-dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metric lines logged after the checkpoint: they will be logged again."""
+    import json
+
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    if cfg.lora_r <= 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_targets
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA targets {targets!r} do not fit this model: {exc}") from exc
+
+
+def training_arguments(cfg: TrainConfig, out: Path, steps: int) -> Any:
+    from transformers import TrainingArguments
+
+    save_steps = cfg.save_steps if cfg.save_steps > 0 else max(1, steps)
+    return TrainingArguments(
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        warmup_steps=int(cfg.warmup_ratio * steps),
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not _cuda_available(),
+        average_tokens_across_devices=True,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    return max(1, math.ceil(cfg.num_train_epochs * math.ceil(n_train / per_step)))
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_training(cfg: TrainConfig) -> RunResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` and leave a complete run directory."""
+    from finitetune.data.sources import load_records
+    from finitetune.data.tokenize import tokenize_records
+    from finitetune.models import load_model, load_tokenizer, resolve_model
+
+    # 1. everything that can be wrong with the input, before writing anything
+    if cfg.data.path:
+        records = load_records(cfg.data.path, prompt_field=cfg.data.prompt_field,
+                               response_field=cfg.data.response_field,
+                               messages_field=cfg.data.messages_field)
+    else:
+        records = default_records(cfg.model, cfg.seed)
+    train_recs, eval_recs = split_records(records, cfg.data.eval_size, cfg.seed)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    rows = tokenize_records(train_recs, tokenizer, max_length=cfg.data.max_length,
+                            template=cfg.data.template)
+    eval_rows = tokenize_records(eval_recs, tokenizer, max_length=cfg.data.max_length,
+                                 template=cfg.data.template)
+    rows, label_summary = _filter_rows(rows, cfg)
+    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
+
+    # 2. the run directory
+    out = prepare_output_dir(cfg)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_json_atomic(out / "label_report.json", label_summary)
+    tokenizer.save_pretrained(out / "tokenizer")
+    result = RunResult(output_dir=out)
+    eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
+                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
+                       template=cfg.data.template)
+    try:
+        result = _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
+                                     eval_kwargs, result)
+    finally:
+        _write_eval(out, result)
+        _write_reports(out)
+    return result
+
+
+def _filter_rows(rows: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
+    """Drop rows with nothing to learn (full validation and policies: label validation)."""
+    keep = [r for r in rows if any(t != -100 for t in r["labels"])]
+    dropped = len(rows) - len(keep)
+    summary = {"total": len(rows), "usable": len(keep), "dropped": dropped}
+    if not keep:
+        raise DataError(f"none of the {len(rows)} training examples keeps a supervised token; "
+                        "check that responses are non-empty and fit in --max-length")
+    return keep, summary
+
+
+def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
+                        result: RunResult) -> RunResult:
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from finitetune.data.collate import CausalLMCollator
+    from finitetune.evaluation import eval_loss, exact_match
+    from finitetune.integrations.metrics import MetricsCallback
+
+    resume_from = None
+    if cfg.resume:
+        resume_from = get_last_checkpoint(str(out))
+        if resume_from is None:
+            raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
+        _trim_metrics(out / "metrics.jsonl", int(resume_from.rsplit("-", 1)[-1]))
+    elif cfg.eval_before:
+        result.eval_before = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
+        result.eval_before["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
+        _print_eval("before", result.eval_before)
+
+    model = apply_lora(model, cfg)
+    steps = planned_steps(cfg, len(rows))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, out, steps),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer.pad_token_id),
+        callbacks=[MetricsCallback(out / "metrics.jsonl")],
+    )
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        result.train_seconds = round(time.perf_counter() - start, 2)
+        result.global_step = trainer.state.global_step
+        _save_final(trainer, tokenizer, out)
+    print(f"finitetune: trained {result.global_step} steps in {result.train_seconds:.1f} s",
+          flush=True)
+    result.eval_after = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
+    result.eval_after["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
+    _print_eval("after", result.eval_after)
+    return result
+
+
+def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
+    final = out / "final"
+    trainer.model.save_pretrained(str(final), safe_serialization=True)
+    tokenizer.save_pretrained(str(final))
+
+
+def _print_eval(when: str, ev: dict) -> None:
+    print(f"finitetune: exact match {when} training: {ev['exact_match']:.1%} "
+          f"({ev['correct']}/{ev['total']}), eval loss {ev['eval_loss']:.4f}", flush=True)
+
+
+def _write_eval(out: Path, result: RunResult) -> None:
+    previous = {}
+    if (out / "eval.json").exists():
+        import json
+
+        previous = json.loads((out / "eval.json").read_text())
+    ev = {
+        "before": result.eval_before or previous.get("before"),
+        "after": result.eval_after,
+        "global_step": result.global_step,
+        "train_seconds": result.train_seconds,
+    }
+    write_json_atomic(out / "eval.json", ev)
+
+
+def _write_reports(out: Path) -> None:
+    try:
+        from finitetune.report import write_reports
+    except ImportError:
+        return
+    try:
+        write_reports(out)
+    except Exception as exc:  # the report must never hide the training outcome
+        log.warning("could not write the health report: %s", exc)
+
+
+def configure_threads() -> None:
+    """Use every core of small CPU machines; torch's default can leave one idle."""
+    import torch
+
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() < n:
+        torch.set_num_threads(n)
