@@ -10,3 +10,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Built-in models materialise into a per-session cache, never the user's ~/.cache."""
+    if "FINITETUNE_CACHE" not in os.environ:
+        os.environ["FINITETUNE_CACHE"] = str(tmp_path_factory.mktemp("finitetune-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_isolated_cache):
+    """The embedded tiny model as an ordinary local model directory."""
+    from finitetune.models import resolve_model
+
+    return resolve_model("tiny")

@@ -1,10 +1,9 @@
 """Safe causal-LM loss: a token-weighted mean that is never NaN for lack of tokens.
 
-The usual defaults fail in three ways (DESIGN.md §3, §5 cases 6-7):
-mean cross-entropy over zero supervised tokens is 0/0 = NaN; ``sum / num_items_in_batch`` is NaN
-when the whole accumulation window is empty; and averaging per micro-batch lets a micro-batch
-with few (or no) tokens weigh as much as a full one. Returning a detached ``tensor(0.0)`` for an
-empty batch is no fix either: it has no graph, so ``backward()`` raises.
+The usual defaults fail three ways (DESIGN.md §3, §5 cases 6-7): mean cross-entropy over zero
+supervised tokens is 0/0 = NaN; ``sum / num_items_in_batch`` is NaN when the whole accumulation
+window is empty; a per-micro-batch mean lets a near-empty micro-batch weigh as much as a full
+one. A detached ``tensor(0.0)`` for an empty batch is no fix: it has no graph, backward raises.
 
 Here the token losses are *summed* (a sum over zero elements is exactly 0.0 and stays in the
 graph) and divided by the supervised-token count of the whole window, clamped to at least 1.
@@ -56,9 +55,7 @@ def _logits_of(outputs: Any) -> torch.Tensor:
 
 
 def _shifted_labels(
-    logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    shift_labels: torch.Tensor | None,
+    logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
     ignore_index: int,
 ) -> torch.Tensor:
     """Validate shapes/devices/dtypes (metadata only, no sync) and return next-token targets."""
@@ -108,29 +105,32 @@ def _shifted_labels(
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy (+ z-loss) over row chunks, without an (N, V) fp32 intermediate.
 
-    Forward keeps only the per-row logsumexp; backward recomputes the softmax chunk by chunk and
-    writes the gradient straight into one buffer of the logits' dtype. Peak extra memory is a few
-    (chunk_size, V) fp32 temporaries instead of several (N, V) fp32 tensors.
+    Forward keeps only the per-row logsumexp; backward recomputes the softmax chunk by chunk,
+    straight into the gradient buffer (or through one reused fp32 chunk buffer for bf16/fp16
+    logits). Peak extra memory: that gradient (which autograd needs anyway) plus one
+    (chunk_size, V) buffer, instead of several (N, V) fp32 tensors. Reusing the buffer also
+    spares the allocator (and the OS page faults) one large allocation per chunk.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        valid: torch.Tensor,
-        chunk_size: int,
-        z_loss: float,
-        compute_dtype: torch.dtype,
+        ctx: Any, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+        chunk_size: int, z_loss: float, compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        n = logits.shape[0]
+        n, vocab = logits.shape
         lse = torch.empty(n, dtype=compute_dtype, device=logits.device)
         total = torch.zeros((), dtype=compute_dtype, device=logits.device)
+        buf = torch.empty(min(chunk_size, n), vocab, dtype=compute_dtype, device=logits.device)
         for start in range(0, n, chunk_size):  # host loop over shapes only, no sync
             end = min(start + chunk_size, n)
-            x = logits[start:end].to(compute_dtype)
-            chunk_lse = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, targets[start:end, None]).squeeze(1)
+            x, work = logits[start:end], buf[: end - start]
+            # logsumexp by hand in the reused buffer; an infinite max is handled as
+            # torch.logsumexp does (all -inf -> -inf, any +inf -> inf), not as inf - inf = NaN.
+            m = x.amax(dim=-1, keepdim=True).to(compute_dtype)
+            m = torch.where(m.isinf(), 0.0, m)
+            torch.sub(x, m, out=work)
+            chunk_lse = work.exp_().sum(dim=-1).log_().add_(m.squeeze(1))
+            picked = x.gather(1, targets[start:end, None]).squeeze(1).to(compute_dtype)
             token_loss = chunk_lse - picked
             if z_loss:
                 token_loss = token_loss + z_loss * chunk_lse.square()
@@ -145,25 +145,29 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         logits, targets, valid, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        scale = grad_total.to(ctx.compute_dtype)  # stays a device tensor: no sync
-        n = logits.shape[0]
+        (n, vocab), rows, dtype = logits.shape, min(ctx.chunk_size, logits.shape[0]), ctx.compute_dtype
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        direct = logits.dtype == dtype  # fp32 (or fp64) logits: compute in grad itself
+        buf = None if direct else torch.empty(rows, vocab, dtype=dtype, device=logits.device)
+        minus_one = torch.full((rows, 1), -1.0, dtype=dtype, device=logits.device)
+        scale = grad_total.to(dtype)  # stays a device tensor: no sync
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
+            work = grad[start:end] if direct else buf[: end - start]
             chunk_lse = lse[start:end, None]
-            g = (logits[start:end].to(ctx.compute_dtype) - chunk_lse).exp_()  # softmax
+            torch.sub(logits[start:end], chunk_lse, out=work).exp_()  # softmax
             if ctx.z_loss:  # d(z * lse^2)/dx = 2 z lse softmax
-                g.mul_(1.0 + 2.0 * ctx.z_loss * chunk_lse)
-            g.scatter_add_(1, targets[start:end, None], torch.full_like(chunk_lse, -1.0))
-            g.mul_(scale)
-            g.masked_fill_(~valid[start:end, None], 0.0)  # exact zeros, even where g is NaN
-            grad[start:end].copy_(g)
+                work.mul_(1.0 + 2.0 * ctx.z_loss * chunk_lse)
+            work.scatter_add_(1, targets[start:end, None], minus_one[: end - start])
+            work.mul_(scale)
+            work.masked_fill_(~valid[start:end, None], 0.0)  # exact zeros, even where NaN
+            if not direct:
+                grad[start:end].copy_(work)
         return grad, None, None, None, None, None
 
 
 def _denominator(
-    num_items_in_batch: torch.Tensor | int | float | None,
-    num_tokens: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | float | None, num_tokens: torch.Tensor,
     device: torch.device,
 ) -> torch.Tensor | float:
     """Token count to divide by: the window's (all ranks') count if given, else the local one.
@@ -210,7 +214,9 @@ def causal_lm_loss_parts(
     """
     logits = _logits_of(outputs)
     targets = _shifted_labels(logits, labels, shift_labels, ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
     z_loss = float(z_loss)
     if not z_loss >= 0.0:
@@ -283,13 +289,8 @@ def causal_lm_loss(
     a host sync; ``finitetune.validate_labels`` reports them before training.
     """
     return causal_lm_loss_parts(
-        outputs,
-        labels,
-        num_items_in_batch,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size,
-        z_loss=z_loss,
-        shift_labels=shift_labels,
+        outputs, labels, num_items_in_batch, ignore_index=ignore_index, chunk_size=chunk_size,
+        z_loss=z_loss, shift_labels=shift_labels,
     ).loss
 
 
@@ -359,13 +360,8 @@ class SafeCausalLMLoss:
         shift_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         parts = causal_lm_loss_parts(
-            outputs,
-            labels,
-            num_items_in_batch,
-            ignore_index=self.ignore_index,
-            chunk_size=self.chunk_size,
-            z_loss=self.z_loss,
-            shift_labels=shift_labels,
+            outputs, labels, num_items_in_batch, ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size, z_loss=self.z_loss, shift_labels=shift_labels,
         )
         if torch.is_grad_enabled():
             self._record(parts, num_items_in_batch)
@@ -394,10 +390,8 @@ class SafeCausalLMLoss:
         if self._micro_batches == 0:
             zero_i = torch.zeros((), dtype=torch.long)
             return LossWindow(torch.zeros(()), zero_i, zero_i.clone(), 0, None)
-        return LossWindow(
-            self._loss_sum, self._num_tokens, self._empty, self._micro_batches,
-            self.last_num_items_in_batch,
-        )
+        return LossWindow(self._loss_sum, self._num_tokens, self._empty, self._micro_batches,
+                          self.last_num_items_in_batch)
 
     def reset(self) -> None:
         """Start a new window (call after each optimizer step, skipped or not)."""

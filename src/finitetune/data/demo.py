@@ -35,6 +35,15 @@ def _first_sentence(text: str, max_chars: int) -> str:
     return sentence[:max_chars].rstrip()
 
 
+def _read_text(path: Path) -> str:
+    # Most files are UTF-8 (pound signs); a few are latin-1, which never fails to decode.
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def bbc_topics(max_chars: int = 200) -> list[dict]:
     """All BBC articles as ``{"prompt", "response", "source"}`` records, in a fixed order."""
     root = bbc_corpus_dir()
@@ -44,8 +53,7 @@ def bbc_topics(max_chars: int = 200) -> list[dict]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         topic = _BBC_FOLDERS.get(folder.name, folder.name)
         for path in sorted(folder.glob("*.txt")):
-            # The corpus is latin-1 safe; utf-8 would fail on a few pound signs.
-            lines = path.read_text(encoding="latin-1").strip().splitlines()
+            lines = _read_text(path).strip().splitlines()
             headline = lines[0].strip()
             body = _first_sentence(" ".join(lines[1:]), max_chars)
             prompt = f"{BBC_INSTRUCTION}\n{headline}. {body}"

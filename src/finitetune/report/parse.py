@@ -28,15 +28,17 @@ EXPECTED = (
     "{'loss': 2.25, 'grad_norm': 1.57, 'learning_rate': 2e-05, 'epoch': 0.06}, "
     "or 'loss: 2.51  grad_norm: 1.2' lines"
 )
-TRAIN_KEYS = ("loss", "grad_norm", "learning_rate")
 _ALIASES = {
     "lr": "learning_rate", "learning_rate": "learning_rate", "gnorm": "grad_norm",
     "gradnorm": "grad_norm", "grad_norm": "grad_norm", "total_norm": "grad_norm",
     "global_step": "step", "iter": "step", "iteration": "step", "train_loss": "loss",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]")
-_DICT = re.compile(r"\{[^{}]*\}")
-_PAIR = re.compile(r"""['"]([^'"]+)['"]\s*:\s*(?:'([^']*)'|"([^"]*)"|([^,}\s]+))""")
+# Console text is scanned as bytes: no decoding of megabytes of progress bars, and float()
+# parses bytes itself. A dict never spans lines; its values may be quoted (Trainer's .4g).
+_ANSI_B = re.compile(_ANSI.pattern.encode())
+_DICT_B = re.compile(rb"\{[^{}\n]*\}")
+_PAIR_B = re.compile(rb"""['"]([^'"]+)['"]\s*:\s*(?:'([^']*)'|"([^"]*)"|([^,}\s]+))""")
 _NUM = r"[-+]?(?:nan|inf(?:inity)?|\d+\.?\d*(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?)"
 _KV = re.compile(
     r"(?<![\w'\"/.\-])([a-z][\w/.\-]*)(\s*[:=]\s*|\s+)(" + _NUM + r")(?![\w.])", re.IGNORECASE
@@ -76,10 +78,12 @@ def load(source: str | os.PathLike | Iterable[Mapping[str, Any]] | ParsedLog) ->
         return parse_text(sys.stdin.buffer.read().decode("utf-8", "replace"), "<stdin>")
     path = Path(source)
     if path.is_dir():
-        return _load_dir(path)
+        from finitetune.report.rundir import load_dir
+
+        return load_dir(path)
     if not path.is_file():
         raise ReportInputError(f"{path}: no such file or directory; {EXPECTED}")
-    return _load_file(path)
+    return load_file(path)
 
 
 def from_records(entries: Iterable[Mapping[str, Any]], source: str = "<records>") -> ParsedLog:
@@ -109,6 +113,7 @@ def _num(value: Any) -> float | None:
 
 
 _KEY_CACHE: dict[str, str] = {}
+_BKEY_CACHE: dict[bytes, str] = {}
 
 
 def _norm_key(key: str) -> str:
@@ -154,16 +159,39 @@ class _Collector:
             x = _num(value)
             if x is not None:
                 rec[_norm_key(key)] = x
+        return self.classify(rec, entry)
+
+    def add_pairs(self, pairs: list[tuple[bytes, bytes, bytes, bytes]]) -> bool:
+        """Fast path for console text: ``_PAIR_B`` groups; ``float()`` reads bytes directly."""
+        rec: dict[str, float] = {}
+        for key, a, b, c in pairs:
+            try:
+                x = float(a or b or c)
+            except ValueError:
+                x = _num((a or b or c).decode("utf-8", "replace"))
+                if x is None:
+                    continue
+            norm = _BKEY_CACHE.get(key)
+            if norm is None:
+                norm = _BKEY_CACHE[key] = _norm_key(key.decode("utf-8", "replace"))
+            rec[norm] = x
         if "train_runtime" in rec:
-            self.summary.update(rec)
+            return self.classify(rec, {k.decode("utf-8", "replace"): (a or b or c).decode(
+                "utf-8", "replace") for k, a, b, c in pairs})
+        return self.classify(rec, {})
+
+    def classify(self, rec: dict[str, float], entry: Mapping[str, Any]) -> bool:
+        if "train_runtime" in rec:  # the end-of-training summary: keep its own key names
+            self.summary.update({k: x for k, v in entry.items() if (x := _num(v)) is not None})
             return True
-        if any(k in rec for k in TRAIN_KEYS):
-            if "step" not in rec or not math.isfinite(rec["step"]):
+        if "loss" in rec or "grad_norm" in rec or "learning_rate" in rec:
+            step = rec.get("step")
+            if step is None or not math.isfinite(step):
                 self.stepless += 1
                 rec["step"] = float(len(self.records) + 1)
             self.records.append(rec)
             return True
-        if any(k.startswith("eval_") for k in rec) or any(_is_accuracy(k) for k in rec):
+        if any(k.startswith("eval_") or _is_accuracy(k) for k in rec):
             rec.setdefault("step", self.records[-1]["step"] if self.records else 0.0)
             self.evals.append(rec)
             return True
@@ -181,14 +209,14 @@ def _is_accuracy(key: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------ files --
-def _open_text(path: Path) -> io.TextIOWrapper:
+def open_text(path: Path) -> io.TextIOWrapper:
     # newline="\n": keep "\r" inside lines, so progress-bar redraws can be split off by hand
     # and line numbers in messages stay the file's own.
-    return open(path, encoding="utf-8", errors="replace", newline="\n")  # noqa: SIM115
+    return open(path, encoding="utf-8", errors="replace", newline="\n")
 
 
-def _load_file(path: Path) -> ParsedLog:
-    with _open_text(path) as fh:
+def load_file(path: Path) -> ParsedLog:
+    with open_text(path) as fh:
         head = fh.read(65536)
     mode = _sniff(head, str(path))
     if mode == "json":
@@ -196,10 +224,10 @@ def _load_file(path: Path) -> ParsedLog:
         whole = _whole_json(text, str(path), strict=path.suffix == ".json")
         if whole is not None:
             return whole
-    with _open_text(path) as fh:
-        if mode == "jsonl":
-            return _parse_jsonl(fh, str(path), tolerant=False)
-        return _parse_text(fh, str(path))
+    if mode == "jsonl":
+        with open_text(path) as fh:
+            return parse_jsonl(fh, str(path), tolerant=False)
+    return _parse_text(path, str(path))
 
 
 def parse_text(text: str, source: str = "<text>") -> ParsedLog:
@@ -209,10 +237,9 @@ def parse_text(text: str, source: str = "<text>") -> ParsedLog:
         whole = _whole_json(text, source, strict=False)
         if whole is not None:
             return whole
-    lines = iter(text.split("\n"))
     if mode == "jsonl":
-        return _parse_jsonl(lines, source, tolerant=False)
-    return _parse_text(lines, source)
+        return parse_jsonl(text.split("\n"), source, tolerant=False)
+    return _parse_text(text, source)
 
 
 def _sniff(head: str, source: str) -> str:
@@ -220,17 +247,16 @@ def _sniff(head: str, source: str) -> str:
     stripped = head.lstrip()
     if not stripped:
         raise ReportInputError(f"{source}: the input is empty; {EXPECTED}")
+    if stripped[0] == "[":
+        return "json"
     first = stripped.split("\n", 1)[0].strip()
-    if stripped[0] == "[" or (first.startswith("{") and not _is_json_object(first)):
-        return "json"  # a pretty-printed document; falls back to text if it is not JSON
-    return "jsonl" if first.startswith("{") else "text"
-
-
-def _is_json_object(line: str) -> bool:
+    if not first.startswith("{"):
+        return "text"
     try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
+        obj = json.loads(first)
+    except ValueError:  # a pretty-printed document starts with '{' or '{"key": ...'
+        return "json" if first == "{" or first.startswith('{"') else "text"
+    return "json" if isinstance(obj, dict) and "log_history" in obj else "jsonl"
 
 
 def _whole_json(text: str, source: str, strict: bool) -> ParsedLog | None:
@@ -259,12 +285,12 @@ def _whole_json(text: str, source: str, strict: bool) -> ParsedLog | None:
     return log
 
 
-def _parse_jsonl(lines: Iterable[str], source: str, tolerant: bool) -> ParsedLog:
+def parse_jsonl(lines: Iterable[str], source: str, tolerant: bool) -> ParsedLog:
     col = _Collector()
     log = ParsedLog(source, "jsonl")
     pending: tuple[int, str] | None = None  # a bad line is fatal unless it is the last one
     lineno = 0
-    for lineno, line in enumerate(lines, 1):  # noqa: B007
+    for lineno, line in enumerate(lines, 1):
         text = line.strip()
         if not text:
             continue
@@ -296,134 +322,71 @@ def _raise_jsonl(source: str, lineno: int, text: str) -> None:
     )
 
 
-def _parse_text(lines: Iterable[str], source: str) -> ParsedLog:
+def _parse_text(src: Path | str, source: str) -> ParsedLog:
     """Console captures: the Trainer's dict lines, else ``key: value`` lines.
 
-    Dict lines win when both are present: a progress bar's ``loss=2.51`` postfix is redrawn
-    many times per step and would count the same value again and again.
+    Dicts are found by regex over 4 MiB blocks (C speed; a dict never spans a line, and a
+    progress bar's carriage returns do not matter to it). Only input without any dict is read
+    again line by line for ``key: value`` pairs: where both appear, a progress bar's
+    ``loss=2.51`` postfix is redrawn many times per step and would count one value many times.
     """
-    dicts, kvs = _Collector(), _Collector()
+    dicts = _Collector()
+    lines = 0
+    for block in _blocks(src):
+        lines += block.count(b"\n")
+        if b"\x1b" in block:
+            block = _ANSI_B.sub(b"", block)
+        for match in _DICT_B.finditer(block):
+            pairs = _PAIR_B.findall(match.group())
+            if pairs:
+                dicts.add_pairs(pairs)
+    if dicts.records or dicts.evals:
+        return dicts.finish(ParsedLog(source, "console", lines=lines))
+    kvs = _Collector()
     first_text: tuple[int, str] | None = None
     lineno = 0
-    for lineno, raw in enumerate(lines, 1):  # noqa: B007
-        if "\x1b" in raw:
-            raw = _ANSI.sub("", raw)
-        for seg in raw.split("\r") if "\r" in raw else (raw,):
-            found = False
-            if "{" in seg:
-                for match in _DICT.finditer(seg):
-                    pairs = _PAIR.findall(match.group())
-                    if pairs:
-                        found |= dicts.add({k: a or b or c for k, a, b, c in pairs})
-            if not found and not dicts.records and "%|" not in seg and _HINT.search(seg):
-                entry = {k: v for k, sep, v in _KV.findall(seg)
-                         if sep.strip() or _norm_key(k) in _KNOWN}
-                if entry:
-                    kvs.add(entry)
-            if first_text is None and seg.strip():
-                first_text = (lineno, seg.strip())
-    col, kind = (dicts, "console") if dicts.records or dicts.evals else (kvs, "key_value")
-    if not col.records and not col.evals:
+    for lineno, raw in enumerate(_lines(src), 1):
+        line = _ANSI.sub("", raw) if "\x1b" in raw else raw
+        if first_text is None and line.strip():
+            first_text = (lineno, line.strip())
+        if not _HINT.search(line):
+            continue
+        for seg in line.split("\r"):
+            if "%|" in seg:  # a progress bar's postfix: redrawn, not a log line
+                continue
+            entry = {k: v for k, sep, v in _KV.findall(seg) if sep.strip() or _norm_key(k) in _KNOWN}
+            if entry:
+                kvs.add(entry)
+    if not kvs.records and not kvs.evals:
         where = (f"first line (line {first_text[0]}): {first_text[1][:160]!r}"
                  if first_text else "the input holds only blank lines")
         raise ReportInputError(
             f"{source}: no training log entry found in {lineno} lines; {EXPECTED}. {where}"
         )
-    log = col.finish(ParsedLog(source, kind, lines=lineno))
-    return log
+    return kvs.finish(ParsedLog(source, "key_value", lines=lineno))
+
+
+BLOCK = 1 << 22
+
+
+def _blocks(src: Path | str) -> Iterator[bytes]:
+    """Blocks of whole lines: streaming, so a huge log never sits in memory at once."""
+    if isinstance(src, str):
+        yield src.encode("utf-8", "replace")
+        return
+    with open(src, "rb") as fh:
+        while block := fh.read(BLOCK):
+            if not block.endswith(b"\n"):
+                block += fh.readline()
+            yield block
+
+
+def _lines(src: Path | str) -> Iterator[str]:
+    if isinstance(src, str):
+        yield from src.split("\n")
+        return
+    with open_text(src) as fh:
+        yield from fh
 
 
 _KNOWN = frozenset(("loss", "grad_norm", "learning_rate", "step", "epoch"))
-
-
-# ------------------------------------------------------------------------------ run folders --
-def _load_dir(path: Path) -> ParsedLog:
-    metrics = path / "metrics.jsonl"
-    known = ("metrics.jsonl", "events.jsonl", "eval.json", "label_report.json", "config.yaml")
-    if any((path / name).exists() for name in known):
-        return load_run_dir(path)
-    states = [path / "trainer_state.json"] + sorted(
-        path.glob("checkpoint-*/trainer_state.json"),
-        key=lambda p: int(p.parent.name.split("-")[-1]) if p.parent.name.split("-")[-1].isdigit()
-        else -1,
-    )[::-1]
-    for state in states:
-        if state.is_file():
-            return _load_file(state)
-    raise ReportInputError(f"{path}: a directory without {metrics.name} or trainer_state.json; "
-                           f"{EXPECTED}")
-
-
-def load_run_dir(path: str | os.PathLike) -> ParsedLog:
-    """A finitetune run directory; tolerant of missing or half-written files (early stops)."""
-    path = Path(path)
-    log = ParsedLog(str(path), "run_dir")
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        with _open_text(metrics) as fh:
-            parsed = _parse_jsonl(fh, metrics.name, tolerant=True)
-        log.records, log.evals, log.summary = parsed.records, parsed.evals, parsed.summary
-        log.lines, log.notes = parsed.lines, parsed.notes
-    else:
-        log.notes.append("metrics.jsonl is missing: no training step was logged")
-    events = path / "events.jsonl"
-    if events.is_file():
-        with _open_text(events) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        log.events.append(decode_nonfinite(json.loads(line)))
-                    except (ValueError, AttributeError):
-                        log.notes.append(f"events.jsonl, line {lineno}: unreadable, skipped")
-    log.eval = _read_json(path / "eval.json", log)
-    log.labels = _read_json(path / "label_report.json", log)
-    _read_config(path, log)
-    return log
-
-
-def _read_json(path: Path, log: ParsedLog) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except ValueError:
-        log.notes.append(f"{path.name}: not valid JSON, ignored")
-        return None
-    if not isinstance(data, dict):
-        return None
-    return {k: decode_nonfinite(v) if isinstance(v, dict) else v
-            for k, v in decode_nonfinite(data).items()}
-
-
-def _read_config(path: Path, log: ParsedLog) -> None:
-    """Clip value and vocabulary size, when the run recorded them (config.yaml, config.json)."""
-    cfg: Any = None
-    if (path / "config.yaml").is_file():
-        try:
-            import yaml  # lazy: only run directories need it
-
-            cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        except Exception as exc:  # a broken config must not stop the report of a dead run
-            log.notes.append(f"config.yaml unreadable ({type(exc).__name__}), ignored")
-    if isinstance(cfg, dict):
-        guard = cfg.get("guard") if isinstance(cfg.get("guard"), dict) else {}
-        for value in (guard.get("max_grad_norm"), cfg.get("max_grad_norm")):
-            if isinstance(value, (int, float)) and value > 0:
-                log.max_grad_norm = float(value)
-                break
-    for candidate in (cfg, _read_json(path / "config.json", log)):
-        vocab = _find_key(candidate, "vocab_size")
-        if isinstance(vocab, int) and vocab > 1:
-            log.vocab_size = vocab
-            break
-
-
-def _find_key(obj: Any, key: str) -> Any:
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for value in obj.values():
-            found = _find_key(value, key)
-            if found is not None:
-                return found
-    return None

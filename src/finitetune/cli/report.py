@@ -1,0 +1,60 @@
+"""``finitetune report``: health report of a run directory, trainer_state.json or pasted logs.
+
+Exit code 0 healthy (warnings allowed unless ``--strict``), 1 unhealthy, 2 unreadable input, so
+a CI job can gate a fine-tune on its own logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from finitetune.errors import ReportInputError
+
+
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
+    """Register the ``report`` verb and its options."""
+    p = subparsers.add_parser(
+        "report", help=help_text, description=help_text + ". " + _FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="PATH",
+                   help="run directory, trainer_state.json, JSONL or console log; - for stdin")
+    p.add_argument("--compare", metavar="BEFORE",
+                   help="a second log (e.g. the broken run) for a before/after table")
+    p.add_argument("--format", choices=("md", "json", "html"), default="md",
+                   help="output format (default md)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument("--vocab-size", type=int, metavar="N",
+                   help="vocabulary size for the first-loss bound (default: from the run, "
+                        "else 262144)")
+    p.add_argument("--max-grad-norm", type=float, metavar="X",
+                   help="clip value, to detect a grad norm pinned at it")
+    return p
+
+
+_FORMATS = ("Reads a finitetune run directory, a transformers trainer_state.json, JSON lines of "
+            "log dicts, or console text with the Trainer's printed dicts or 'loss: x' lines. "
+            "Exit codes: 0 healthy, 1 unhealthy (or any warning with --strict), 2 unreadable "
+            "input.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the report, print or write it, and return the verdict's exit code."""
+    from finitetune.report.health import health_report
+
+    if args.vocab_size is not None and args.vocab_size < 2:
+        raise ReportInputError(f"--vocab-size {args.vocab_size}: expected an integer >= 2")
+    report = health_report(args.path, compare=args.compare, vocab_size=args.vocab_size,
+                           max_grad_norm=args.max_grad_norm)
+    text = {"md": report.to_markdown, "json": report.to_json, "html": report.to_html}[
+        args.format]()
+    if args.output:
+        from finitetune.jsonio import write_text_atomic
+
+        write_text_atomic(args.output, text)
+        print(f"finitetune report: {report.verdict} -> {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return report.exit_code(strict=args.strict)
