@@ -26,7 +26,8 @@ class LabelPolicy(str, Enum):
 
 
 class GuardPolicy(str, Enum):
-    """What the guard does when a step is non-finite or spikes."""
+    """What the guard does when a step is non-finite (``nonfinite_grad``, ``nonfinite_loss``,
+    ``norm_overflow``)."""
 
     SKIP = "skip"
     """Do not take the optimizer step; parameters and optimizer state stay bit-identical."""
@@ -36,54 +37,132 @@ class GuardPolicy(str, Enum):
     """Stop training at the first fault (after writing the run's files)."""
 
 
+class SpikeAction(str, Enum):
+    """What the guard does when the loss or the grad norm jumps far *above* its recent level.
+
+    A jump below it (the loss suddenly near zero, a collapsed grad norm) is only warned about:
+    skipping a step because it looks too good would hide the problem, not fix it.
+    """
+
+    WARN = "warn"
+    """Take the step anyway; write an event and a warning."""
+    SKIP = "skip"
+    """Do not take the step (the batch is dropped), as for a non-finite step."""
+    REDUCE_LR = "reduce_lr"
+    """Drop the batch and multiply the learning rate by ``lr_backoff`` from now on."""
+    ROLLBACK = "rollback"
+    """Restore the last good snapshot, multiply the learning rate by ``lr_backoff``, drop the batch."""
+    HALT = "halt"
+    """Stop training."""
+
+
 @dataclass
 class GuardConfig:
-    """Settings of :class:`finitetune.Guard` and :class:`finitetune.GuardCallback`."""
+    """Settings of :class:`finitetune.Guard` and :class:`finitetune.GuardCallback`.
+
+    The defaults skip non-finite steps, skip upward spikes of 10 robust standard deviations once
+    20 clean steps are known, and halt after 5 bad steps in a row: a run never silently skips
+    forever, and a single bad batch never ends it.
+    """
 
     policy: GuardPolicy | str = GuardPolicy.SKIP
     """Action on a non-finite step: ``skip``, ``rollback`` or ``halt``."""
 
     max_grad_norm: float | None = None
-    """Clip to this total norm, using the norm the guard already computed (no second pass).
-    ``None`` or ``0`` disables clipping. With ``GuardCallback`` the Trainer's own
-    ``max_grad_norm`` is taken over by the guard."""
+    """Clip to this total norm, using the norm the guard already computed (no second pass),
+    after the decision (clipping with a NaN norm would turn every gradient into NaN).
+    ``None``: plain :class:`~finitetune.Guard` does not clip; ``GuardCallback`` uses the
+    Trainer's ``args.max_grad_norm``. ``0`` disables clipping in both."""
 
     max_consecutive_skips: int = 5
-    """Halt with :class:`finitetune.NonFiniteHalt` after this many faulty steps in a row."""
+    """Halt with :class:`finitetune.NonFiniteHalt` when more than this many steps in a row are
+    not applied (skips, rollbacks, LR reductions, empty windows)."""
 
     scheduler_on_skip: bool = False
-    """Advance the LR scheduler on a skipped step too (default: it stays, as Trainer does for
-    fp16 overflow skips)."""
+    """Advance the LR scheduler on a step that was not applied too (default: it stays, as the
+    Trainer does for fp16 overflow skips, so the schedule counts applied updates)."""
 
     spike_window: int = 50
-    """Number of recent finite values the spike detector keeps."""
+    """Number of recent values (of applied steps, never non-finite ones) the spike detector
+    keeps for the loss and for the grad norm."""
 
     spike_warmup: int = 20
-    """Finite values needed before the spike detector may fire."""
+    """Values needed in the window before the spike detector may fire (<= ``spike_window``)."""
 
     spike_threshold: float = 10.0
-    """Robust z-score (in MAD units) above which a loss or grad norm counts as a spike."""
+    """Robust z-score above which a value counts as a spike: distance from the window median in
+    units of 1.4826 x MAD (the standard deviation for normal noise). Two-sided: below
+    ``-spike_threshold`` gives a warning."""
 
-    spike_action: str = "skip"
-    """Action on a spike: ``warn``, ``skip``, ``reduce_lr`` or ``rollback``."""
+    spike_min_scale: float = 0.02
+    """Smallest spread the detector assumes, as a fraction of the median's magnitude, so a nearly
+    constant signal does not turn tiny wiggles into spikes (with the defaults a value must be
+    more than 20 % above the median to count)."""
+
+    spike_action: SpikeAction | str = SpikeAction.SKIP
+    """Action on an upward loss or grad-norm spike: ``warn``, ``skip``, ``reduce_lr``,
+    ``rollback`` or ``halt``."""
 
     snapshot_every: int = 1
-    """Take a last-good snapshot every this many applied steps (rollback policy only)."""
+    """Keep a last-good snapshot (trainable parameters + optimizer state, in memory) every this
+    many applied steps; only when ``policy`` or ``spike_action`` is ``rollback``. A state is
+    snapshotted only after it produced a finite, non-spiking loss and gradient, so a poisoned
+    state is never kept as good."""
 
     lr_backoff: float = 0.5
-    """Multiply every param group's LR by this on rollback or ``reduce_lr``."""
+    """Multiply every param group's LR (and the scheduler's base LRs) by this on ``rollback`` or
+    ``reduce_lr``; in (0, 1]."""
 
     max_rollbacks: int = 3
-    """Halt after this many rollbacks."""
+    """Halt instead of rolling back once this many rollbacks were done."""
 
     zero_loss_patience: int = 10
-    """Warn when the loss is exactly 0.0 for this many consecutive steps."""
+    """Warn when the loss is exactly 0.0 for this many consecutive applied steps (nothing is
+    supervised, or the model collapsed). 0 disables."""
 
     pinned_norm_patience: int = 20
-    """Warn when the pre-clip grad norm is pinned (constant or at ``max_grad_norm``) this long."""
+    """Warn when the pre-clip grad norm stays constant, or equal to ``max_grad_norm``, for this
+    many consecutive applied steps (a sign that something upstream clips or zeroes the
+    gradients). 0 disables."""
 
     def __post_init__(self) -> None:
         self.policy = _enum(GuardPolicy, self.policy, "guard policy")
+        self.spike_action = _enum(SpikeAction, self.spike_action, "guard spike_action")
+        for name in ("max_consecutive_skips", "max_rollbacks", "zero_loss_patience",
+                     "pinned_norm_patience"):
+            _check(self, name, lambda v: isinstance(v, int) and v >= 0, "an int >= 0")
+        for name in ("spike_window", "spike_warmup", "snapshot_every"):
+            _check(self, name, lambda v: isinstance(v, int) and v >= 1, "an int >= 1")
+        if self.spike_warmup > self.spike_window:
+            raise ConfigError(
+                f"guard spike_warmup ({self.spike_warmup}) is larger than spike_window "
+                f"({self.spike_window}): the detector could never fire; lower spike_warmup or "
+                "raise spike_window."
+            )
+        _check(self, "spike_threshold", lambda v: _num(v) and v > 0, "a number > 0")
+        _check(self, "spike_min_scale", lambda v: _num(v) and v >= 0, "a number >= 0")
+        _check(self, "lr_backoff", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]")
+        _check(self, "max_grad_norm", lambda v: v is None or (_num(v) and v >= 0),
+               "None or a number >= 0")
+
+    @property
+    def needs_snapshots(self) -> bool:
+        """Whether any action can roll back (then the guard keeps last-good snapshots)."""
+        return self.policy == GuardPolicy.ROLLBACK or self.spike_action == SpikeAction.ROLLBACK
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (enums as their values); ``GuardConfig(**d)`` rebuilds it."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _check(cfg: Any, name: str, ok: Any, what: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not ok(value):
+        raise ConfigError(f"guard {name} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -103,6 +182,13 @@ class DataConfig:
     messages_field: str = "messages"
     """Column holding chat ``[{"role", "content"}, ...]``; used when present instead of
     prompt/response. Only the last assistant turn is supervised."""
+
+    text_field: str = "text"
+    """Column holding pre-formatted text, used with ``response_marker``."""
+
+    response_marker: str | None = None
+    """For pre-formatted ``text`` rows: the string after which the response starts (e.g.
+    ``"### Answer:"``). Found by character position, so it works however it tokenises."""
 
     max_length: int = 256
     """Tokens per example after truncation. The prompt is truncated from the left first so the
@@ -130,6 +216,8 @@ class DataConfig:
             raise ConfigError(f"unknown template {self.template!r}; choose auto, chat or plain")
         if self.truncation not in ("prompt_left", "right"):
             raise ConfigError(f"unknown truncation {self.truncation!r}; use prompt_left or right")
+        if self.min_response_tokens < 1:
+            raise ConfigError("min_response_tokens must be at least 1")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from finitetune.config import TrainConfig
-from finitetune.errors import ConfigError, DataError
+from finitetune.errors import ConfigError
 from finitetune.jsonio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("finitetune")
@@ -158,31 +158,34 @@ def planned_steps(cfg: TrainConfig, n_train: int) -> int:
 
 def run_training(cfg: TrainConfig) -> RunResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and leave a complete run directory."""
+    from finitetune.data.pipeline import describe, prepare_rows, tokenize_with
     from finitetune.data.sources import load_records
-    from finitetune.data.tokenize import tokenize_records
     from finitetune.models import load_model, load_tokenizer, resolve_model
 
     # 1. everything that can be wrong with the input, before writing anything
     if cfg.data.path:
         records = load_records(cfg.data.path, prompt_field=cfg.data.prompt_field,
                                response_field=cfg.data.response_field,
-                               messages_field=cfg.data.messages_field)
+                               messages_field=cfg.data.messages_field,
+                               text_field=cfg.data.text_field if cfg.data.response_marker
+                               else None)
     else:
         records = default_records(cfg.model, cfg.seed)
     train_recs, eval_recs = split_records(records, cfg.data.eval_size, cfg.seed)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    rows = tokenize_records(train_recs, tokenizer, max_length=cfg.data.max_length,
-                            template=cfg.data.template)
-    eval_rows = tokenize_records(eval_recs, tokenizer, max_length=cfg.data.max_length,
-                                 template=cfg.data.template)
-    rows, label_summary = _filter_rows(rows, cfg)
+    rows, label_report, label_summary = prepare_rows(train_recs, tokenizer, cfg.data)
+    print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
+    eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
+                 if any(t != -100 for t in r["labels"])]
+    eval_recs = [eval_recs[r["index"]] for r in eval_rows]
     model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
 
     # 2. the run directory
     out = prepare_output_dir(cfg)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json_atomic(out / "label_report.json", label_summary)
+    write_json_atomic(out / "label_report.json", {**label_report.to_dict(),
+                                                   "policy": label_summary})
     tokenizer.save_pretrained(out / "tokenizer")
     result = RunResult(output_dir=out)
     eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
@@ -195,17 +198,6 @@ def run_training(cfg: TrainConfig) -> RunResult:
         _write_eval(out, result)
         _write_reports(out)
     return result
-
-
-def _filter_rows(rows: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
-    """Drop rows with nothing to learn (full validation and policies: label validation)."""
-    keep = [r for r in rows if any(t != -100 for t in r["labels"])]
-    dropped = len(rows) - len(keep)
-    summary = {"total": len(rows), "usable": len(keep), "dropped": dropped}
-    if not keep:
-        raise DataError(f"none of the {len(rows)} training examples keeps a supervised token; "
-                        "check that responses are non-empty and fit in --max-length")
-    return keep, summary
 
 
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,

@@ -41,11 +41,13 @@ def load_records(
     prompt_field: str = "prompt",
     response_field: str = "response",
     messages_field: str = "messages",
+    text_field: str | None = None,
 ) -> list[dict[str, Any]]:
     """Load and check every record; returns ``{"prompt", "response"}`` or ``{"messages"}`` dicts.
 
     Checking happens here, before tokenisation, so a bad line 7,000 of a file fails in a
-    second with its line number instead of minutes into training.
+    second with its line number instead of minutes into training. With ``text_field`` (used
+    with a response marker) rows are ``{"text"}`` instead.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -55,7 +57,11 @@ def load_records(
               "hf_disk": _read_hf_disk}[fmt]
     records = []
     for where, row in reader(path):
-        records.append(_check_row(row, where, prompt_field, response_field, messages_field))
+        if text_field:
+            records.append(_check_text_row(row, where, text_field))
+        else:
+            records.append(_check_row(row, where, prompt_field, response_field,
+                                      messages_field))
     if not records:
         raise DataError(f"{path} holds no examples (empty data set); nothing to train on")
     return records
@@ -151,3 +157,12 @@ def _check_row(row: dict, where: str, prompt_f: str, response_f: str, messages_f
         if not isinstance(row[f], str):
             raise DataError(f"{where}: field {f!r} is {type(row[f]).__name__}, expected a string")
     return {"prompt": row[prompt_f], "response": row[response_f], "source": where}
+
+
+def _check_text_row(row: dict, where: str, text_f: str) -> dict:
+    if text_f not in row:
+        raise DataError(f"{where}: missing field {text_f!r} (found: {', '.join(map(str, row))})")
+    if not isinstance(row[text_f], str):
+        raise DataError(f"{where}: field {text_f!r} is {type(row[text_f]).__name__}, "
+                        "expected a string")
+    return {"text": row[text_f], "source": where}

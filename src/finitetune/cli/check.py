@@ -1,0 +1,97 @@
+"""``finitetune check``: validate the labels of a data file before any training.
+
+Runs the same loading, tokenisation and label validation as ``finitetune train`` and prints
+counts by reason (with percentages) and a few offending examples with their line numbers.
+Exit 0 when clean, 1 when unusable examples exceed ``--max-bad`` percent, 2 on unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from finitetune.errors import ConfigError
+
+
+def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("check", help=help_text, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="JSONL, CSV, Parquet or save_to_disk folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory (its tokenizer is used), demo or tiny")
+    src.add_argument("--tokenizer", help="tokenizer directory")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    p.add_argument("--template", default="auto", help="auto, chat or plain")
+    p.add_argument("--truncation", default="prompt_left", help="prompt_left or right")
+    p.add_argument("--response-marker", help="for pre-formatted 'text' rows")
+    p.add_argument("--min-supervised", type=int, default=1,
+                   help="warn for examples with fewer supervised tokens")
+    p.add_argument("--max-bad", type=float, default=0.0,
+                   help="percent of unusable examples tolerated before exit 1 (default 0)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    for field in ("prompt", "response", "messages", "text"):
+        p.add_argument(f"--{field}-field", default=field, help=f"{field} column")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from finitetune.cli.main import set_offline_if_local
+    from finitetune.config import DataConfig
+
+    set_offline_if_local(args.model or args.tokenizer, args.data)
+    if args.max_bad < 0 or args.max_bad > 100:
+        raise ConfigError("--max-bad is a percentage between 0 and 100")
+    data = DataConfig(path=args.data, prompt_field=args.prompt_field,
+                      response_field=args.response_field, messages_field=args.messages_field,
+                      text_field=args.text_field, response_marker=args.response_marker,
+                      max_length=args.max_length, template=args.template,
+                      truncation=args.truncation, min_response_tokens=args.min_supervised)
+    from finitetune.data.pipeline import tokenize_with, validate_rows
+    from finitetune.data.sources import load_records
+    from finitetune.models import load_tokenizer, resolve_model
+
+    records = load_records(data.path, prompt_field=data.prompt_field,
+                           response_field=data.response_field,
+                           messages_field=data.messages_field,
+                           text_field=data.text_field if data.response_marker else None)
+    tokenizer = load_tokenizer(resolve_model(args.model) if args.model else args.tokenizer)
+    report = validate_rows(tokenize_with(records, tokenizer, data), tokenizer, data)
+    bad_pct = 100.0 * (report.total - report.usable) / report.total
+    if args.json:
+        print(json.dumps({**report.to_dict(), "bad_percent": bad_pct}, indent=2))
+    else:
+        print(format_report(report, data.path))
+    return 1 if bad_pct > args.max_bad else 0
+
+
+def format_report(report, path: str) -> str:
+    from finitetune.data.labels import CAUSES, ERRORS, FIXES, REASONS
+
+    lines = [f"{path}: {report.total} examples, {report.usable} usable, "
+             f"{report.supervised_tokens} supervised tokens", ""]
+    rows = [(r, report.counts[r]) for r in REASONS if report.counts.get(r)]
+    if not rows:
+        lines.append("no label problems found")
+        return "\n".join(lines)
+    lines.append(f"{'reason':<28}{'examples':>9}{'share':>9}  kind")
+    for reason, n in rows:
+        kind = "error" if reason in ERRORS else "cause" if reason in CAUSES else "warning"
+        lines.append(f"{reason:<28}{n:>9}{100 * n / report.total:>8.1f}%  {kind}")
+    lines += ["", report.explain(), ""]
+    for reason, _ in rows:
+        where = report.sources.get(reason) or [f"#{i}" for i in report.indices[reason]]
+        more = f" (+{len(report.indices[reason]) - 5} more)" if len(where) > 5 else ""
+        lines.append(f"{reason}: {', '.join(where[:5])}{more}")
+        if reason not in CAUSES:
+            lines.append(f"  fix: {FIXES[reason]}")
+        for pv in [p for p in report.previews if p["reason"] == reason][:2]:
+            lines.append(f"  e.g. {pv['source'] or '#' + str(pv['index'])}: {pv['text']!r}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from finitetune.cli.main import main
+
+    sys.exit(main(["check", *sys.argv[1:]]))
