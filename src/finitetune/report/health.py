@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finitetune.report import rules
-from finitetune.report.parse import ParsedLog, load
+from finitetune.report.parse import ParsedLog, is_accuracy, load
 from finitetune.report.render import num
 
 DEFAULT_VOCAB = 262_144
@@ -27,7 +27,8 @@ CE_MARGIN = 2.5
 TREND_MAX_POINTS = 200
 """Theil–Sen is O(n²): longer logs are thinned to this many evenly spaced points."""
 MIN_TREND_CHANGE = 0.01
-"""A fitted change of less than 1 % of the starting loss is "flat", however significant."""
+"""A fitted change over the span of less than 1 % of the median loss is "flat", however
+significant."""
 NOT_METRICS = ("runtime", "per_second", "preparation_time")
 SEVERITIES = ("critical", "warning", "info")
 
@@ -57,16 +58,21 @@ class Trend:
 
     With fewer than 5 points only the slope's sign is used (``evidence="weak"``); from 5 on, the
     direction must be significant (Sen's 95 % interval excludes 0) *and* the fitted change over
-    the span at least 1 % of the starting loss.
+    the span at least 1 % of the median loss. A straight line is only the test: losses decay
+    roughly exponentially, so the report shows the observed first and last values, not the
+    line's ends (which can extrapolate below zero).
     """
 
     n: int = 0
     slope: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
-    start: float | None = None
-    end: float | None = None
+    first: float | None = None
+    """Observed loss of the first point of the fit."""
+    last: float | None = None
+    """Observed loss of the last point of the fit."""
     relative_change: float | None = None
+    """Fitted change over the span divided by the median loss."""
     direction: str = "unknown"
     """``decreasing``, ``increasing``, ``flat`` or ``unknown`` (fewer than 2 points)."""
     evidence: str = "none"
@@ -147,7 +153,7 @@ def health_report(
     vocab_size: int | None = None,
     max_grad_norm: float | None = None,
 ) -> HealthReport:
-    """Parse ``source`` (run dir, trainer_state.json, JSONL, console text, or log dicts) and judge it.
+    """Parse ``source`` (run dir, trainer_state.json, JSONL, console text, log dicts); judge it.
 
     ``compare`` is the "before" run for the before/after table. ``vocab_size`` and
     ``max_grad_norm`` override what the run directory recorded (foreign logs rarely say).
@@ -166,10 +172,10 @@ def analyse(log: ParsedLog, vocab_size: int | None = None,
     steps = [r["step"] for r in log.records]
     cols = {k: [r.get(k) for r in log.records]
             for k in ("loss", "grad_norm", "learning_rate", "skipped")}
-    metrics = {k: metric_stats(k, steps, cols[k])
-               for k in ("grad_norm", "loss", "learning_rate") if any(v is not None for v in cols[k])}
+    metrics = {k: metric_stats(k, steps, cols[k]) for k in ("grad_norm", "loss", "learning_rate")
+               if any(v is not None for v in cols[k])}
     keys: set[str] = set().union(*log.records)  # one C-level pass, not a loop per key
-    extra = sorted(k for k in keys if "acc" in k or "exact_match" in k)
+    extra = sorted(k for k in keys if is_accuracy(k))
     for key in extra:
         metrics[key] = metric_stats(key, steps, [r.get(key) for r in log.records])
     eval_keys = sorted({k for r in log.evals for k in r
@@ -192,7 +198,7 @@ def analyse(log: ParsedLog, vocab_size: int | None = None,
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))
     verdict = ("unhealthy" if any(f.severity == "critical" for f in findings)
                else "warning" if any(f.severity == "warning" for f in findings) else "healthy")
-    learns = _learns(verdict, findings, trend)
+    learns = _learns(verdict, trend)
     notes = list(log.notes)
     if vocab is None and metrics.get("loss"):
         notes.append(f"vocabulary size unknown: assumed {DEFAULT_VOCAB} for the loss bound "
@@ -236,11 +242,9 @@ def theil_sen(points: list[tuple[float, float]]) -> Trend:
     if n < 2 or not slopes:
         return Trend(n=n)
     slope = statistics.median(slopes)
-    intercept = statistics.median(y - slope * x for x, y in points)
-    x0, x1 = points[0][0], points[-1][0]
-    start, end = intercept + slope * x0, intercept + slope * x1
-    rel = (end - start) / abs(start) if start else None
-    trend = Trend(n=n, slope=slope, start=start, end=end, relative_change=rel)
+    level = statistics.median(abs(y) for _, y in points)
+    rel = slope * (points[-1][0] - points[0][0]) / level if level else None
+    trend = Trend(n=n, slope=slope, first=points[0][1], last=points[-1][1], relative_change=rel)
     if n < 5:
         trend.evidence = "weak"
         trend.direction = "decreasing" if slope < 0 else "increasing" if slope > 0 else "flat"
@@ -275,7 +279,7 @@ def lr_summary(steps: list[float], lrs: list[float | None]) -> dict[str, Any]:
     }
 
 
-def _learns(verdict: str, findings: list[Finding], trend: Trend) -> bool | None:
+def _learns(verdict: str, trend: Trend) -> bool | None:
     if verdict == "unhealthy":
         return False
     if trend.direction == "decreasing":
@@ -293,8 +297,8 @@ def _conclusion(verdict: str, findings: list[Finding], trend: Trend, learns: boo
         text = f"Unhealthy: {worst[0]}. The model does not learn from these steps."
     elif learns:
         weak = f" (weak evidence: only {trend.n} points)" if trend.evidence == "weak" else ""
-        text = (f"The model learns: the fitted loss falls from {num(trend.start)} to "
-                f"{num(trend.end)} over {trend.n} entries{weak}.")
+        text = (f"The model learns: the loss falls from {num(trend.first)} to "
+                f"{num(trend.last)} over {trend.n} entries{weak}.")
     elif entries == 0:
         text = "No training step was logged, so nothing shows that the model learns."
     elif trend.direction == "unknown":

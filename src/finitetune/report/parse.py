@@ -43,6 +43,7 @@ _NUM = r"[-+]?(?:nan|inf(?:inity)?|\d+\.?\d*(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?)"
 _KV = re.compile(
     r"(?<![\w'\"/.\-])([a-z][\w/.\-]*)(\s*[:=]\s*|\s+)(" + _NUM + r")(?![\w.])", re.IGNORECASE
 )
+_KNOWN = frozenset(("loss", "grad_norm", "learning_rate", "step", "epoch"))
 _HINT = re.compile(r"loss|norm|acc|exact_match", re.IGNORECASE)
 
 
@@ -52,7 +53,8 @@ class ParsedLog:
 
     source: str
     kind: str
-    """``run_dir``, ``trainer_state``, ``json``, ``jsonl``, ``console``, ``key_value``, ``records``."""
+    """``run_dir``, ``trainer_state``, ``json``, ``jsonl``, ``console``, ``key_value`` or
+    ``records``."""
     records: list[dict[str, float]] = field(default_factory=list)
     """Training entries in log order; each has a ``step``; NaN/inf are kept as floats."""
     evals: list[dict[str, float]] = field(default_factory=list)
@@ -69,11 +71,17 @@ class ParsedLog:
 
 
 def load(source: str | os.PathLike | Iterable[Mapping[str, Any]] | ParsedLog) -> ParsedLog:
-    """Detect the format of ``source`` and parse it; raise ReportInputError if it is none."""
+    """Detect the format of ``source`` and parse it; raise ReportInputError if it is none.
+
+    ``source``: a path, ``"-"`` for stdin, pasted log text (a string with a newline; no path
+    has one), or in-memory log dicts such as ``trainer.state.log_history``.
+    """
     if isinstance(source, ParsedLog):
         return source
     if not isinstance(source, (str, os.PathLike)):
         return from_records(source)
+    if isinstance(source, str) and "\n" in source:
+        return parse_text(source)
     if str(source) == "-":
         return parse_text(sys.stdin.buffer.read().decode("utf-8", "replace"), "<stdin>")
     path = Path(source)
@@ -184,14 +192,15 @@ class _Collector:
         if "train_runtime" in rec:  # the end-of-training summary: keep its own key names
             self.summary.update({k: x for k, v in entry.items() if (x := _num(v)) is not None})
             return True
-        if "loss" in rec or "grad_norm" in rec or "learning_rate" in rec:
+        # loss or grad_norm: a dict with only a learning rate is a printed config, not a step
+        if "loss" in rec or "grad_norm" in rec:
             step = rec.get("step")
             if step is None or not math.isfinite(step):
                 self.stepless += 1
                 rec["step"] = float(len(self.records) + 1)
             self.records.append(rec)
             return True
-        if any(k.startswith("eval_") or _is_accuracy(k) for k in rec):
+        if any(k.startswith("eval_") or is_accuracy(k) for k in rec):
             rec.setdefault("step", self.records[-1]["step"] if self.records else 0.0)
             self.evals.append(rec)
             return True
@@ -204,8 +213,11 @@ class _Collector:
         return log
 
 
-def _is_accuracy(key: str) -> bool:
-    return "acc" in key or "exact_match" in key
+def is_accuracy(key: str) -> bool:
+    """Accuracy-like metrics (``eval_accuracy``, ``mean_token_accuracy``, ``exact_match``,
+    ``acc``); not ``gradient_accumulation``."""
+    return ("accuracy" in key or "exact_match" in key or key == "acc" or key.endswith("_acc")
+            or key.startswith("acc_"))
 
 
 # ------------------------------------------------------------------------------------ files --
@@ -286,31 +298,32 @@ def _whole_json(text: str, source: str, strict: bool) -> ParsedLog | None:
 
 
 def parse_jsonl(lines: Iterable[str], source: str, tolerant: bool) -> ParsedLog:
+    """One JSON object per line. A bad last line is a writer that died mid-line: noted, not
+    fatal. Any other bad line is fatal unless ``tolerant`` (our own run files), then noted."""
     col = _Collector()
     log = ParsedLog(source, "jsonl")
-    pending: tuple[int, str] | None = None  # a bad line is fatal unless it is the last one
-    lineno = 0
+    bad: list[tuple[int, str]] = []
+    lineno = last = 0
     for lineno, line in enumerate(lines, 1):
         text = line.strip()
         if not text:
             continue
-        if pending is not None and not tolerant:
-            _raise_jsonl(source, *pending)
+        last = lineno
+        if bad and not tolerant:
+            _raise_jsonl(source, *bad[0])
         try:
             entry = json.loads(text)
-            if not isinstance(entry, dict):
-                raise ValueError
         except ValueError:
-            if tolerant:
-                log.notes.append(f"{source}, line {lineno}: not a JSON object, skipped")
-            else:
-                pending = (lineno, text)
-            continue
-        col.add(entry)
-    if pending is not None:
-        if pending[0] != lineno:
-            _raise_jsonl(source, *pending)
-        log.notes.append(f"line {pending[0]}: truncated last line ignored (writer stopped?)")
+            entry = None
+        if isinstance(entry, dict):
+            col.add(entry)
+        else:
+            bad.append((lineno, text))
+    for n, _ in bad:
+        if n == last:
+            log.notes.append(f"{source}, line {n}: truncated last line ignored (writer stopped?)")
+        elif tolerant:
+            log.notes.append(f"{source}, line {n}: not a JSON object, skipped")
     log.lines = lineno
     return col.finish(log)
 
@@ -354,7 +367,8 @@ def _parse_text(src: Path | str, source: str) -> ParsedLog:
         for seg in line.split("\r"):
             if "%|" in seg:  # a progress bar's postfix: redrawn, not a log line
                 continue
-            entry = {k: v for k, sep, v in _KV.findall(seg) if sep.strip() or _norm_key(k) in _KNOWN}
+            entry = {k: v for k, sep, v in _KV.findall(seg)
+                     if sep.strip() or _norm_key(k) in _KNOWN}  # "loss 2.5": known keys only
             if entry:
                 kvs.add(entry)
     if not kvs.records and not kvs.evals:
@@ -388,5 +402,3 @@ def _lines(src: Path | str) -> Iterator[str]:
     with open_text(src) as fh:
         yield from fh
 
-
-_KNOWN = frozenset(("loss", "grad_norm", "learning_rate", "step", "epoch"))

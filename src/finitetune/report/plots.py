@@ -72,7 +72,8 @@ def _draw(ax, label: str, series: dict, key: str, dashed: bool) -> bool:
     axis = ax.get_xaxis_transform()
     if bad:
         shown = bad[:: max(1, len(bad) // MAX_POINTS)]
-        ax.plot(shown, [0.02] * len(shown), "x", color="#b3261e", ms=7, transform=axis,
+        ax.plot(shown, [0.02] * len(shown), "+" if dashed else "x",
+                color="#7b1fa2" if dashed else "#b3261e", ms=8, transform=axis,
                 clip_on=False, label=f"{label}: NaN/inf ({len(bad)})")
     if skip:
         shown = skip[:: max(1, len(skip) // MAX_POINTS)]

@@ -85,18 +85,19 @@ def _trend_text(r: HealthReport) -> str:
     if t.direction == "unknown":
         return f"Trend: unknown (only {t.n} finite loss value(s) with a finite grad norm)."
     text = (f"Trend: {t.direction}. Theil–Sen slope {t.slope:.4g} per step over {t.n} points; "
-            f"fitted loss {num(t.start)} → {num(t.end)}")
+            f"loss {num(t.first)} → {num(t.last)}")
     if t.evidence == "weak":
         return text + " (weak evidence: fewer than 5 points, only the sign of the slope counts)."
     return text + (f"; 95 % interval of the slope [{t.ci_low:.3g}, {t.ci_high:.3g}] "
-                   f"(decreasing means the interval is below 0 and the fall is >= 1 %).")
+                   "(decreasing: the interval lies below 0 and the fitted fall is at least 1 % "
+                   "of the median loss).")
 
 
 def _lr_text(lr: dict[str, Any]) -> str:
     if not lr.get("logged"):
         return "No learning rate was logged."
-    return (f"First {num(lr['first'])}, peak {num(lr['peak'])} at step {step(lr['peak_step'])}, "
-            f"last {num(lr['last'])}; warm-up seen: {'yes' if lr['warmup'] else 'no'}; "
+    return (f"First {lr['first']:.4g}, peak {lr['peak']:.4g} at step {step(lr['peak_step'])}, "
+            f"last {lr['last']:.4g}; warm-up seen: {'yes' if lr['warmup'] else 'no'}; "
             f"decays: {'yes' if lr['decays'] else 'no'}; entries at 0.0: {lr['zero_entries']}.")
 
 
@@ -159,7 +160,7 @@ def sections(r: HealthReport) -> list[tuple[str, list[Block]]]:
         items += [f"{k} (last value): {_any(v)}" for k, v in g["counters"].items()]
         out.append(("Guard", [("ul", items)]))
     if r.labels:
-        out.append(("Labels", [("ul", [f"{k}: {_any(v)}" for k, v in r.labels.items()])]))
+        out.append(("Labels", [("ul", [_label_item(k, v) for k, v in r.labels.items()])]))
     if r.before is not None:
         out.append(("Before / after", [("table", (["", "before", "after"],
                                                   _compare_rows(r.before, r)))]))
@@ -168,6 +169,16 @@ def sections(r: HealthReport) -> list[tuple[str, list[Block]]]:
         conclusion.append(("ul", [f"note: {n}" for n in r.notes]))
     out.append(("Conclusion", conclusion))
     return out
+
+
+def _label_item(key: str, value: Any) -> str:
+    """Counts and scalars in full; per-example lists and previews only by size."""
+    small = isinstance(value, dict) and len(value) <= 12 and all(
+        isinstance(v, (int, float, str, bool)) or v is None for v in value.values())
+    if isinstance(value, (dict, list)) and not small:
+        return f"{key}: {len(value)} entries (see label_report.json)"
+    text = _any(value)
+    return f"{key}: {text[:300]}…" if len(text) > 300 else f"{key}: {text}"
 
 
 def _any(v: Any) -> str:
@@ -212,8 +223,9 @@ def to_markdown(r: HealthReport) -> str:
 
 
 def _md(text: str) -> str:
-    # user text must not open HTML tags or headings inside the markdown
-    return html.escape(text, quote=False).replace("\n", " ")
+    # user text must not open HTML tags in a markdown viewer; escaping "<" alone is enough and
+    # keeps the text readable in a terminal
+    return text.replace("<", "&lt;").replace("\n", " ")
 
 
 def _cell(text: str) -> str:
@@ -246,7 +258,8 @@ def to_html(r: HealthReport) -> str:
             if kind == "p":
                 parts.append(f"<p>{esc(body)}</p>")
             elif kind == "strong":
-                parts.append(f'<p class="verdict-{esc(r.verdict)}"><strong>{esc(body)}</strong></p>')
+                parts.append(f'<p class="verdict-{esc(r.verdict)}"><strong>{esc(body)}'
+                             "</strong></p>")
             elif kind == "findings":
                 parts.append("<ul>" + "".join(
                     f"<li><strong>[{esc(f.severity)}] {esc(f.title)}</strong>"

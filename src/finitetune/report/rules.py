@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from finitetune.report.parse import ParsedLog
+from finitetune.report.parse import ParsedLog, is_accuracy
 
 STUCK_PATIENCE = 3
 """Consecutive entries of loss exactly 0.0 (or grad norm 0.0) before it counts as stuck."""
@@ -78,7 +78,8 @@ def diagnose(c: Context) -> list[dict[str, Any]]:
     """Run every rule; return the findings as dicts (see health.Finding)."""
     out: list[dict[str, Any]] = []
     for rule in (_hidden_nan_loss, _nan_loss, _nonfinite_grad, _first_loss, _zero_lr,
-                 _zero_loss, _zero_grad, _pinned_norm, _spikes, _trend, _guard, _eval, _empty):
+                 _zero_loss, _zero_grad, _pinned_norm, _spikes, _trend, _guard, _eval, _labels,
+                 _empty):
         out.extend(rule(c))
     return out
 
@@ -89,7 +90,8 @@ def _hidden_nan_loss(c: Context) -> list[dict[str, Any]]:
     if not hits:
         return []
     persistent = _persistent(hits, both)
-    where = "every logged entry" if len(hits) == len(both) else f"{len(hits)} of {len(both)} entries"
+    where = ("every logged entry" if len(hits) == len(both)
+             else f"{len(hits)} of {len(both)} entries")
     return [_f(
         "hidden_nan_loss", "critical" if persistent else "warning",
         f"Hidden NaN loss: loss 0.0 with a NaN grad norm on {where}",
@@ -135,7 +137,7 @@ def _nonfinite_grad(c: Context) -> list[dict[str, Any]]:
             "65504 (T5, Gemma, Qwen, MoE models are known to exceed it), or a bad kernel.",
             "precision (bf16 or fp32), the first non-finite parameter (finitetune's guard names "
             "it and replays the step in fp32 to tell precision from data).", steps)]
-    early = max(3, math.ceil(0.1 * len(have)))
+    early = min(max(2, math.ceil(0.1 * len(have))), len(have) // 2)  # the first 10 %
     if all(have.index(i) < early for i in hits):
         return [_f(
             "loss_scale_calibration", "info",
@@ -154,7 +156,8 @@ def _nonfinite_grad(c: Context) -> list[dict[str, Any]]:
 
 
 def _first_loss(c: Context) -> list[dict[str, Any]]:
-    first = next(((s, v) for s, v in zip(c.steps, c.loss, strict=True) if _finite(v) and v != 0.0), None)
+    first = next(((s, v) for s, v in zip(c.steps, c.loss, strict=True)
+                  if _finite(v) and v != 0.0), None)  # 0.0 may be a hidden NaN
     if first is None or first[1] <= c.loss_bound:
         return []
     assumed = " (vocabulary size assumed; pass --vocab-size)" if c.vocab_assumed else ""
@@ -179,9 +182,13 @@ def _zero_lr(c: Context) -> list[dict[str, Any]]:
         return [_f("zero_lr", "critical", "Learning rate is 0.0 on every logged entry",
                    "With a zero learning rate no update changes the weights.",
                    "learning_rate, the scheduler and its warm-up/decay steps.", steps)]
-    if zeros == have[-1:]:
-        return [_f("zero_lr", "info", "Learning rate reached 0.0 on the last entry "
-                   "(end of a decaying schedule)", steps=steps)]
+    # a linear warm-up starts at exactly 0 and a decaying schedule ends there: one entry each
+    edges = {have[0], have[-1]}
+    if set(zeros) <= edges:
+        where = "first entry (start of a warm-up)" if zeros == have[:1] else (
+            "last entry (end of a decaying schedule)" if zeros == have[-1:] else
+            "first and last entries (warm-up start, schedule end)")
+        return [_f("zero_lr", "info", f"Learning rate 0.0 on the {where}", steps=steps)]
     return [_f("zero_lr", "warning",
                f"Learning rate 0.0 during training ({len(zeros)} of {len(have)} entries, first "
                f"at step {_fmt(steps[0])})",
@@ -201,7 +208,8 @@ def _stuck(values: list[Opt], flags: list[bool]) -> tuple[int, int] | None:
 
 
 def _zero_loss(c: Context) -> list[dict[str, Any]]:
-    flags = [v == 0.0 and (g is None or math.isfinite(g)) for v, g in zip(c.loss, c.grad, strict=True)]
+    flags = [v == 0.0 and (g is None or math.isfinite(g))
+             for v, g in zip(c.loss, c.grad, strict=True)]
     run = _stuck(c.loss, flags)
     if run is None:
         return []
@@ -263,7 +271,9 @@ def _spikes(c: Context) -> list[dict[str, Any]]:
     logs = [math.log(x) for _, x in pts]
     med = statistics.median(logs)
     mad = statistics.median(abs(v - med) for v in logs) * 1.4826 or 1e-12
-    hits = [s for (s, x), v in zip(pts, logs, strict=True) if (v - med) / mad > SPIKE_Z and v - med > 2.3]
+    # 2.3 = ln(10): a spike is also at least 10x the median norm
+    hits = [s for (s, _), v in zip(pts, logs, strict=True)
+            if (v - med) / mad > SPIKE_Z and v - med > 2.3]
     if not hits:
         return []
     return [_f("grad_norm_spikes", "info",
@@ -320,7 +330,7 @@ def _eval(c: Context) -> list[dict[str, Any]]:
     if isinstance(before, dict) and isinstance(after, dict):
         for key, a in after.items():
             b = before.get(key)
-            if ("acc" in key or "exact_match" in key) and _finite(a) and _finite(b) and a < b:
+            if is_accuracy(key) and _finite(a) and _finite(b) and a < b:
                 out.append(_f("eval_dropped", "warning",
                               f"{key} fell from {b:.4g} before training to {a:.4g} after"))
             if key.endswith("loss") and _bad(a):
@@ -330,6 +340,18 @@ def _eval(c: Context) -> list[dict[str, Any]]:
         out.append(_f("eval_nonfinite", "warning",
                       f"eval_loss is non-finite on {len(bad)} evaluation(s)", steps=bad))
     return out
+
+
+def _labels(c: Context) -> list[dict[str, Any]]:
+    labels = c.log.labels or {}
+    total, usable = labels.get("total"), labels.get("usable")
+    if not (isinstance(total, int) and isinstance(usable, int) and usable < total):
+        return []
+    why = labels.get("explanation")
+    return [_f("labels_dropped", "info",
+               f"{total - usable} of {total} training examples had nothing to learn and were "
+               "left out (label validation)", why if isinstance(why, str) else "",
+               "label_report.json names the examples and reasons.")]
 
 
 def _empty(c: Context) -> list[dict[str, Any]]:

@@ -16,10 +16,10 @@ from finitetune.errors import ReportInputError
 from finitetune.report.parse import (
     EXPECTED,
     ParsedLog,
+    decode_nonfinite,
     load_file,
     open_text,
     parse_jsonl,
-    decode_nonfinite,
 )
 
 RUN_FILES = ("metrics.jsonl", "events.jsonl", "eval.json", "label_report.json", "config.yaml")
