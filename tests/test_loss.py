@@ -107,6 +107,19 @@ def test_chunked_equals_unchunked_for_every_chunk_size_with_z_loss():
         torch.testing.assert_close(grads(got, logits), ref_grad, atol=1e-6, rtol=0)
 
 
+def test_chunked_handles_minus_inf_logits_like_unchunked():
+    logits, labels = random_logits(), random_labels()
+    with torch.no_grad():
+        banned = torch.ones(VOCAB, dtype=torch.bool)
+        banned[labels.clamp(min=0).unique()] = False
+        logits[..., banned] = float("-inf")  # vocabulary masking: never a target here
+        logits[0, 6] = float("-inf")  # a whole row, at a masked position
+    ref = causal_lm_loss(logits.detach(), labels)
+    got = causal_lm_loss(logits, labels, chunk_size=4)
+    assert math.isfinite(got.item()) and abs(got.item() - ref.item()) <= 1e-6
+    assert torch.isfinite(grads(got, logits)).all()
+
+
 @pytest.mark.parametrize("chunk_size", CHUNKS)
 def test_z_loss_adds_mean_logsumexp_squared(chunk_size):
     logits, labels = random_logits(), random_labels()

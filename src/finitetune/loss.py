@@ -185,7 +185,7 @@ def _denominator(
             )
         # Trainer passes it on args.device; a same-device .to() is free. torch.where, not clamp,
         # so a fractional count (Trainer divides by tp/cp size) is kept as is when positive.
-        n = num_items_in_batch.reshape(()).to(device, non_blocking=True)
+        n = num_items_in_batch.reshape(()).to(device)
         return torch.where(n > 0, n, torch.ones_like(n))
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int | float):
         raise TypeError(
@@ -198,14 +198,9 @@ def _denominator(
 
 
 def causal_lm_loss_parts(
-    outputs: Any,
-    labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | float | None = None,
-    *,
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-    z_loss: float = 0.0,
-    shift_labels: torch.Tensor | None = None,
+    outputs: Any, labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = -100,
+    chunk_size: int | None = None, z_loss: float = 0.0, shift_labels: torch.Tensor | None = None,
 ) -> LossParts:
     """``causal_lm_loss`` plus the summed loss and token count it was built from.
 
@@ -246,14 +241,9 @@ def causal_lm_loss_parts(
 
 
 def causal_lm_loss(
-    outputs: Any,
-    labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | float | None = None,
-    *,
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-    z_loss: float = 0.0,
-    shift_labels: torch.Tensor | None = None,
+    outputs: Any, labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = -100,
+    chunk_size: int | None = None, z_loss: float = 0.0, shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-weighted next-token cross-entropy that is 0.0, never NaN, when nothing is supervised.
 
