@@ -208,6 +208,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     from finitetune.data.collate import CausalLMCollator
     from finitetune.evaluation import eval_loss, exact_match
     from finitetune.integrations.metrics import MetricsCallback
+    from finitetune.loss import SafeCausalLMLoss
 
     resume_from = None
     if cfg.resume:
@@ -222,12 +223,14 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
 
     model = apply_lora(model, cfg)
     steps = planned_steps(cfg, len(rows))
+    loss = SafeCausalLMLoss()  # fp32, token-mean over the window; 0 tokens -> 0, not NaN
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out, steps),
         train_dataset=rows,
         data_collator=CausalLMCollator(tokenizer.pad_token_id),
-        callbacks=[MetricsCallback(out / "metrics.jsonl")],
+        compute_loss_func=loss,
+        callbacks=[MetricsCallback(out / "metrics.jsonl", tracker=loss)],
     )
     start = time.perf_counter()
     try:

@@ -3,6 +3,10 @@
 A line is flushed immediately, so a run that dies keeps every step it logged. Non-finite values
 are stored as ``null`` with a ``<key>_nonfinite`` flag (see :mod:`finitetune.jsonio`), never as
 the bare ``NaN`` token that strict JSON readers reject.
+
+With a :class:`~finitetune.loss.SafeCausalLMLoss` tracker the line's ``loss`` is the true
+token-mean loss of the logging window (NaN stays NaN), not the Trainer's filtered value, which
+prints a window of NaN losses as 0.0; the Trainer's own number is kept as ``trainer_loss``.
 """
 
 from __future__ import annotations
@@ -22,26 +26,46 @@ _SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_s
 class MetricsCallback(TrainerCallback):
     """Append each training log of the Trainer to ``path`` as a metrics line.
 
-    ``extra`` callables return additional fields for the line (e.g. the loss tracker's
-    token-mean window loss and supervised-token count, the guard's counters); they run at
-    logging time only, never per step.
+    Fields: ``step, loss, grad_norm, learning_rate, epoch`` and, with a loss tracker,
+    ``tokens`` (supervised tokens in the window), ``micro_batches``, ``empty_micro_batches``
+    (window) and ``empty_micro_batches_total`` (whole run); with the guard, ``skipped`` (steps
+    skipped in the window) and its cumulative ``guard/*`` counters.
     """
 
-    def __init__(self, path: str | Path, extra: list[Any] | None = None) -> None:
+    def __init__(self, path: str | Path, tracker: Any = None) -> None:
         self.path = Path(path)
-        self.extra = list(extra or [])
+        self.tracker = tracker
+        self.empty_total = 0
+        self._skipped_before = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run continues the counters it had logged
+        last = state.log_history[-1] if state.log_history else {}
+        self.empty_total = int(last.get("empty_micro_batches_total", 0) or 0)
+        self._skipped_before = int(last.get("guard/skipped", 0) or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or _SUMMARY_KEYS & set(logs):
-            return
-        if any(k.startswith("eval_") for k in logs):
+        if not logs or _SUMMARY_KEYS & set(logs) or any(k.startswith("eval_") for k in logs):
             return
         record: dict[str, Any] = {"step": state.global_step}
         for key in ("loss", "grad_norm", "learning_rate", "epoch"):
             if key in logs:
                 record[key] = logs[key]
-        for provide in self.extra:
-            record.update(provide() or {})
+        if self.tracker is not None:
+            # one host sync per *log*, not per step
+            window = self.tracker.read_and_reset()
+            self.empty_total += window["empty_micro_batches"]
+            record["trainer_loss"] = logs.get("loss")
+            record["loss"] = window["loss"] if window["num_tokens"] else None
+            record["tokens"] = window["num_tokens"]
+            record["micro_batches"] = window["micro_batches"]
+            record["empty_micro_batches"] = window["empty_micro_batches"]
+            record["empty_micro_batches_total"] = self.empty_total
+            logs["empty_micro_batches_total"] = self.empty_total  # kept in log_history
+        if "guard/skipped" in logs:
+            record["skipped"] = int(logs["guard/skipped"]) - self._skipped_before
+            self._skipped_before = int(logs["guard/skipped"])
         for key, value in logs.items():
             record.setdefault(key, value)
-        append_jsonl(self.path, record)
+        if state.is_world_process_zero:
+            append_jsonl(self.path, record)
