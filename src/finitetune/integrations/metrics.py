@@ -27,8 +27,8 @@ class MetricsCallback(TrainerCallback):
     """Append each training log of the Trainer to ``path`` as a metrics line.
 
     Fields: ``step, loss, grad_norm, learning_rate, epoch`` and, with a loss tracker,
-    ``tokens`` (supervised tokens in the window), ``micro_batches``, ``empty_micro_batches``
-    (window) and ``empty_micro_batches_total`` (whole run); with the guard, ``skipped`` (steps
+    ``tokens`` (supervised tokens in the window), ``micro_batches``, ``empty_microbatches``
+    (window) and ``empty_microbatches_total`` (whole run); with the guard, ``skipped`` (steps
     skipped in the window) and its cumulative ``guard/*`` counters.
     """
 
@@ -41,7 +41,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # a resumed run continues the counters it had logged
         last = state.log_history[-1] if state.log_history else {}
-        self.empty_total = int(last.get("empty_micro_batches_total", 0) or 0)
+        self.empty_total = int(last.get("empty_microbatches_total", 0) or 0)
         self._skipped_before = int(last.get("guard/skipped", 0) or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -59,9 +59,9 @@ class MetricsCallback(TrainerCallback):
             record["loss"] = window["loss"] if window["num_tokens"] else None
             record["tokens"] = window["num_tokens"]
             record["micro_batches"] = window["micro_batches"]
-            record["empty_micro_batches"] = window["empty_micro_batches"]
-            record["empty_micro_batches_total"] = self.empty_total
-            logs["empty_micro_batches_total"] = self.empty_total  # kept in log_history
+            record["empty_microbatches"] = window["empty_micro_batches"]
+            record["empty_microbatches_total"] = self.empty_total
+            logs["empty_microbatches_total"] = self.empty_total  # kept in log_history
         if "guard/skipped" in logs:
             record["skipped"] = int(logs["guard/skipped"]) - self._skipped_before
             self._skipped_before = int(logs["guard/skipped"])
