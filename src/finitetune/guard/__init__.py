@@ -1,0 +1,30 @@
+"""The gradient guard: check every optimizer step, never apply a non-finite one.
+
+``Guard`` (plain loops), ``StepOutcome`` and the pure ``decide`` live here; the Trainer
+integration is ``finitetune.integrations.hf.GuardCallback``. Nothing in this package imports
+transformers. Names resolve lazily, so ``finitetune.guard.policy`` (pure Python) can be
+imported without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Guard": "finitetune.guard.guard",
+    "Action": "finitetune.guard.policy",
+    "Reason": "finitetune.guard.policy",
+    "StepOutcome": "finitetune.guard.policy",
+    "StepStats": "finitetune.guard.policy",
+    "decide": "finitetune.guard.policy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'finitetune.guard' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
