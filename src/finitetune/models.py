@@ -45,9 +45,8 @@ def resolve_model(name_or_path: str) -> str:
     if path.exists():
         check_model_dir(path)
         return str(path)
-    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace(
-        "/", "", 1
-    ):
+    # "org/name" (or "name") is a hub id; anything else that looks like a path does not exist
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise DataError(
             f"model directory not found: {name_or_path}. Give a local directory with "
             "config.json, *.safetensors and tokenizer files, a hub id, 'demo' or 'tiny'."
