@@ -115,6 +115,18 @@ def test_scaler_overflow_is_calibration_not_a_fault():
     assert late.action == Action.HALT
 
 
+def test_forward_overflow_under_grad_scaler_is_a_fault_not_calibration():
+    """A NaN/inf *loss* means the forward pass overflowed; a smaller loss scale cannot fix it,
+    so it counts as a fault (and halts after max_consecutive_skips), not as calibration."""
+    cfg = GuardConfig(max_consecutive_skips=2)
+    stats = _stats(loss=math.nan, loss_nonfinite=True, grad_nonfinite=True, grad_norm=math.nan,
+                   scaler_overflow=True)
+    d = decide(stats, NO_SIGNALS, FRESH, cfg)
+    assert (d.action, d.reason) == (Action.SKIP, Reason.NONFINITE_LOSS)
+    third = decide(stats, NO_SIGNALS, PolicyContext(consecutive_skips=2), cfg)
+    assert third.action == Action.HALT
+
+
 def test_case9_detector_ignores_nan_and_needs_warmup():
     det = SpikeDetector(window=10, warmup=5, min_scale=0.02)
     for v in (2.0, 2.1, 1.9, 2.05):

@@ -241,6 +241,9 @@ def classify(stats: StepStats, signals: Signals, config: GuardConfig) -> tuple[R
     """
     if stats.tokens == 0:
         return Reason.NO_VALID_TOKENS, {"note": "no supervised token in the window"}
+    if stats.scaler_overflow and stats.loss_nonfinite:
+        # the forward pass itself overflowed: a smaller loss scale cannot fix that
+        return Reason.NONFINITE_LOSS, {"note": "forward overflow under GradScaler"}
     if stats.scaler_overflow:
         return Reason.SCALER_OVERFLOW, {"note": "GradScaler lowers its scale"}
     if stats.grad_nonfinite:
