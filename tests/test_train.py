@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from finitetune.cli.main import main
 
-RUN_FILES = ["config.yaml", "metrics.jsonl", "eval.json", "label_report.json"]
+RUN_FILES = ["config.yaml", "metrics.jsonl", "eval.json", "label_report.json", "precision.json",
+             "report.md", "report.json", "report.html"]
 
 
 def _strict_json_lines(path: Path) -> list[dict]:
@@ -181,3 +184,79 @@ def test_yaml_config_is_overridden_by_flags(tmp_path):
     cfg = resolve_config(str(cfg_file), {"max_steps": 9})
     assert (cfg.learning_rate, cfg.max_steps, cfg.data.max_length) == (0.5, 9, 20)
     assert cfg.per_device_train_batch_size == 16  # from the tiny preset
+
+
+@pytest.mark.parametrize("attribution", [True, False])
+def test_guarded_main_job_halts_on_a_poisoned_model_and_keeps_every_file(
+        tmp_path, tiny_model_dir, capsys, attribution):
+    """One weight set to inf (the seed's `loss 0.0, grad_norm nan` pattern): the guard skips
+    every step, halts after max_consecutive_skips, exit 1, and the run directory is complete."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "poisoned"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in weights if "layers.0.mlp.up_proj" in k)
+    weights[name][0, 0] = float("inf")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    data = _write_jsonl(tmp_path / "d.jsonl", _tiny_rows())
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "20", "--eval-size", "8", "--lora-r", "0", "--logging-steps",
+                 "1", "--no-eval-before", *([] if attribution else ["--no-attribution"])])
+    assert code == 1
+    assert "halt" in capsys.readouterr().err.lower()
+    events = _strict_json_lines(out / "events.jsonl")
+    # max_consecutive_skips=5 bad steps are skipped; the 6th in a row halts
+    assert [e["action"] for e in events] == ["skip"] * 5 + ["halt"]
+    assert all(e["reason"] in ("nonfinite_loss", "nonfinite_grad") for e in events)
+    if attribution:  # the inf weight is found before any replay is needed
+        assert all(name in e["nonfinite_weights"][0] for e in events)
+        assert (out / "faults" / "step_1.safetensors").is_file()
+    else:
+        assert not any("verdict" in e or "nonfinite_weights" in e for e in events)
+        assert not (out / "faults").exists()
+    metrics = _strict_json_lines(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(m["loss"] is None and m["loss_nonfinite"] == "nan" for m in metrics)
+    assert metrics[-1]["guard/skipped"] == 6
+    # the skipped steps changed nothing: the saved model equals the poisoned input bit for bit
+    final = load_file(out / "final" / "model.safetensors")
+    for key, value in weights.items():
+        assert torch.equal(final[key], value), key
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "unhealthy"
+    assert (out / "eval.json").is_file() and (out / "report.md").is_file()
+
+
+def test_guarded_clean_run_logs_guard_counters(tmp_path, tiny_model_dir):
+    data = _write_jsonl(tmp_path / "d.jsonl", _tiny_rows())
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_model_dir, "--data", str(data), "--output-dir",
+                 str(out), "--max-steps", "4", "--eval-size", "8", "--lora-r", "0",
+                 "--logging-steps", "2", "--no-eval-before"]) == 0
+    metrics = _strict_json_lines(out / "metrics.jsonl")
+    assert all(m["guard/skipped"] == 0 and m["skipped"] == 0 for m in metrics)
+    assert all(m["tokens"] > 0 for m in metrics)
+    assert not (out / "events.jsonl").exists()
+
+
+def test_unreachable_hub_id_fails_fast_with_exit_2(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "d.jsonl", _tiny_rows(8))
+    code = main(["train", "--model", "some-org/not-a-local-model", "--data", str(data),
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "cannot load a tokenizer from some-org/not-a-local-model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", "--model", "./no/such/dir", "--data", str(data)]) == 2
+    assert "model directory not found: ./no/such/dir" in capsys.readouterr().err
+
+
+def test_cli_goes_offline_when_everything_is_local(monkeypatch, tmp_path):
+    from finitetune.cli.main import set_offline_if_local
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    set_offline_if_local("some-org/model", None)
+    assert "HF_HUB_OFFLINE" not in os.environ  # a hub id may need the network
+    set_offline_if_local("tiny", str(tmp_path))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -303,6 +303,10 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Allow a model directory's own Python code to run. Off unless asked for."""
 
+    attribution: bool = True
+    """After a faulty step (only then), name the parameters, first non-finite module and
+    samples, replay the batch in fp32, and save it under ``faults/``."""
+
     eval_before: bool = True
     """Measure exact-match accuracy before training too (the baseline)."""
 

@@ -5,6 +5,12 @@ checked *before* the run directory is touched, so a bad input leaves nothing hal
 Once training starts, every file is written as it happens (metrics/events line by line,
 checkpoints by the Trainer, JSON atomically), and ``finally`` writes the evaluation and report
 even when training stops early.
+
+Launched as several processes (``torchrun --nproc_per_node N``, ``accelerate launch
+--num_processes N``), every rank trains and only rank 0 writes: it makes the run directory
+(the others wait for it in a broadcast that also carries rank 0's error, if any, so no rank is
+left waiting), evaluates and writes the reports; metrics and guard events are global numbers
+that rank 0 writes once. The process group is torn down at the end so every rank exits.
 """
 
 from __future__ import annotations
@@ -26,9 +32,6 @@ from finitetune.errors import ConfigError
 from finitetune.jsonio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("finitetune")
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "events.jsonl", "eval.json", "label_report.json",
-             "report.md", "report.json", "report.html")
 
 
 @dataclass
@@ -109,7 +112,8 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
         raise ConfigError(f"LoRA targets {targets!r} do not fit this model: {exc}") from exc
 
 
-def training_arguments(cfg: TrainConfig, out: Path, steps: int) -> Any:
+def training_arguments(cfg: TrainConfig, out: Path, steps: int, plan: Any = None) -> Any:
+    """``plan``: a :class:`~finitetune.precision.PrecisionPlan`; its ``bf16``/``fp16`` apply."""
     from transformers import TrainingArguments
 
     save_steps = cfg.save_steps if cfg.save_steps > 0 else max(1, steps)
@@ -137,7 +141,13 @@ def training_arguments(cfg: TrainConfig, out: Path, steps: int) -> Any:
         disable_tqdm=True,
         use_cpu=not _cuda_available(),
         average_tokens_across_devices=True,
+        **(plan.training_arguments() if plan is not None else {}),
     )
+
+
+def _train_device() -> str:
+    """Where the Trainer will run: CUDA when present, else CPU (``use_cpu`` also covers MPS)."""
+    return "cuda" if _cuda_available() else "cpu"
 
 
 def _cuda_available() -> bool:
@@ -149,7 +159,10 @@ def _cuda_available() -> bool:
 def planned_steps(cfg: TrainConfig, n_train: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    from finitetune.guard import distributed
+
+    per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+                * distributed.world_size())  # each rank reads its own share of an epoch
     return max(1, math.ceil(cfg.num_train_epochs * math.ceil(n_train / per_step)))
 
 
@@ -157,10 +170,76 @@ def planned_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 def run_training(cfg: TrainConfig) -> RunResult:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` and leave a complete run directory."""
+    """Fine-tune ``cfg.model`` on ``cfg.data`` and leave a complete run directory.
+
+    Under a multi-process launcher this joins the process group first and destroys it at the
+    end (also after an error), so ``torchrun`` sees every rank exit.
+    """
+    from finitetune.guard import distributed
+
+    joined = _init_distributed()
+    try:
+        return _run_training(cfg)
+    finally:
+        if joined:
+            distributed.destroy()
+
+
+def _init_distributed() -> bool:
+    """Join the launcher's process group now (True if this call created it).
+
+    Done before the run directory exists so that rank 0 alone can make it. It is the group
+    ``TrainingArguments`` would create (accelerate's ``PartialState``: gloo on CPU, NCCL on
+    GPUs), which the Trainer then finds and reuses.
+    """
+    import torch
+
+    from finitetune.guard import distributed
+
+    if not distributed.launched_distributed() or torch.distributed.is_initialized():
+        return False
+    from accelerate import PartialState
+
+    PartialState(cpu=not _cuda_available())  # COLLECTIVE: rendezvous of all ranks
+    return torch.distributed.is_initialized()
+
+
+def _make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
+                  tokenizer: Any) -> Path:
+    """Rank 0 makes and fills the run directory; the others get its path (or its error).
+
+    COLLECTIVE (distributed only): one broadcast, which is also the barrier that keeps the
+    other ranks from using the directory before it exists. An error on rank 0 travels in it,
+    so every rank raises the same error instead of waiting forever.
+    """
+    from finitetune.errors import FinitetuneError
+    from finitetune.guard import distributed
+
+    found: tuple[str | None, str | None] = (None, None)
+    if distributed.is_main_process():
+        try:
+            out = prepare_output_dir(cfg)
+            write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_json_atomic(out / "label_report.json", {**label_report.to_dict(),
+                                                           "policy": label_summary})
+            tokenizer.save_pretrained(out / "tokenizer")
+            found = (str(out), None)
+        except (FinitetuneError, OSError) as exc:
+            if not distributed.is_distributed():
+                raise
+            found = (None, f"rank 0: {exc}")
+    path, error = distributed.broadcast_object(found)
+    if error is not None:
+        raise ConfigError(error)
+    return Path(path)
+
+
+def _run_training(cfg: TrainConfig) -> RunResult:
     from finitetune.data.pipeline import describe, prepare_rows, tokenize_with
     from finitetune.data.sources import load_records
+    from finitetune.guard import distributed
     from finitetune.models import load_model, load_tokenizer, resolve_model
+    from finitetune.precision import choose_precision
 
     # 1. everything that can be wrong with the input, before writing anything
     if cfg.data.path:
@@ -172,21 +251,21 @@ def run_training(cfg: TrainConfig) -> RunResult:
     else:
         records = default_records(cfg.model, cfg.seed)
     train_recs, eval_recs = split_records(records, cfg.data.eval_size, cfg.seed)
-    model_path = resolve_model(cfg.model)
+    # a precision the hardware cannot honour fails here, before the model loads
+    choose_precision(None, device=_train_device(), requested=cfg.precision)
+    with distributed.main_process_first():  # rank 0 fills the model cache, then the others
+        model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     rows, label_report, label_summary = prepare_rows(train_recs, tokenizer, cfg.data)
-    print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
+    if distributed.is_main_process():
+        print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
                  if any(t != -100 for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]
     model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
 
     # 2. the run directory
-    out = prepare_output_dir(cfg)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json_atomic(out / "label_report.json", {**label_report.to_dict(),
-                                                   "policy": label_summary})
-    tokenizer.save_pretrained(out / "tokenizer")
+    out = _make_run_dir(cfg, label_report, label_summary, tokenizer)
     result = RunResult(output_dir=out)
     eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
                        max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
@@ -195,8 +274,9 @@ def run_training(cfg: TrainConfig) -> RunResult:
         result = _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
                                      eval_kwargs, result)
     finally:
-        _write_eval(out, result)
-        _write_reports(out)
+        if distributed.is_main_process():
+            _write_eval(out, result)
+            _write_reports(out)
     return result
 
 
@@ -207,30 +287,46 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
 
     from finitetune.data.collate import CausalLMCollator
     from finitetune.evaluation import eval_loss, exact_match
+    from finitetune.guard import distributed
+    from finitetune.guard.attribution import Attributor
+    from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.metrics import MetricsCallback
     from finitetune.loss import SafeCausalLMLoss
+    from finitetune.precision import choose_precision
 
+    main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
     resume_from = None
     if cfg.resume:
         resume_from = get_last_checkpoint(str(out))
         if resume_from is None:
             raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
-        _trim_metrics(out / "metrics.jsonl", int(resume_from.rsplit("-", 1)[-1]))
-    elif cfg.eval_before:
+        if main:
+            _trim_metrics(out / "metrics.jsonl", int(resume_from.rsplit("-", 1)[-1]))
+    elif cfg.eval_before and main:
+        # the other ranks wait in the Trainer's first collective meanwhile
         result.eval_before = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
         result.eval_before["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
         _print_eval("before", result.eval_before)
 
     model = apply_lora(model, cfg)
+    # the device the Trainer will use: use_cpu=True unless CUDA (MPS is never picked here)
+    plan = choose_precision(model, device=_train_device(), requested=cfg.precision)
+    if main:
+        print(f"finitetune: precision: {plan}", flush=True)
+        write_json_atomic(out / "precision.json", plan.to_dict())
     steps = planned_steps(cfg, len(rows))
     loss = SafeCausalLMLoss()  # fp32, token-mean over the window; 0 tokens -> 0, not NaN
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, out, steps),
+        args=training_arguments(cfg, out, steps, plan),
         train_dataset=rows,
-        data_collator=CausalLMCollator(tokenizer.pad_token_id),
+        data_collator=CausalLMCollator(tokenizer.pad_token_id, sample_ids=True),
         compute_loss_func=loss,
-        callbacks=[MetricsCallback(out / "metrics.jsonl", tracker=loss)],
+        # the guard first: its counters must be in the logs before the metrics line is written
+        callbacks=[GuardCallback(cfg.guard, output_dir=out, on_fault=Attributor(
+                       model, out, sources={r["index"]: r.get("source") for r in rows})
+                       if cfg.attribution else None),
+                   MetricsCallback(out / "metrics.jsonl", tracker=distributed.AllRanksWindow(loss))],
     )
     start = time.perf_counter()
     try:
@@ -238,7 +334,10 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     finally:
         result.train_seconds = round(time.perf_counter() - start, 2)
         result.global_step = trainer.state.global_step
-        _save_final(trainer, tokenizer, out)
+        if main:
+            _save_final(trainer, tokenizer, out)
+    if not main:
+        return result  # evaluation (generation) runs on rank 0 only
     print(f"finitetune: trained {result.global_step} steps in {result.train_seconds:.1f} s",
           flush=True)
     result.eval_after = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
@@ -300,6 +399,8 @@ def configure_runtime() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
-    n = os.cpu_count() or 1
+    # ranks launched on one machine share its cores (torchrun sets OMP_NUM_THREADS=1 for them)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    n = max(1, (os.cpu_count() or 1) // local_ranks)
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)

@@ -54,6 +54,7 @@ SWITCHES: dict[str, tuple[str, bool, str]] = {
     "--overwrite": ("overwrite", True, "replace an existing run directory"),
     "--trust-remote-code": ("trust_remote_code", True, "allow the model's own Python code"),
     "--no-eval-before": ("eval_before", False, "skip the baseline evaluation"),
+    "--no-attribution": ("attribution", False, "no fault attribution (replay) after a bad step"),
 }
 
 # Settings that make each built-in model do its job in its time budget.

@@ -15,11 +15,18 @@ class CausalLMCollator:
     Padding is masked by *position* (the attention mask), never by comparing token ids with
     the pad id: with pad = eos (SmolLM2, Llama-3, ...) masking by id would also mask the EOS
     that ends every answer, and the model would never learn to stop.
+
+    With ``sample_ids=True``, rows that carry ``index`` (finitetune's tokenised rows do) add
+    ``sample_ids`` so attribution can name the samples of a faulty step. That key is not a
+    model input: use it only with ``GuardCallback`` or pass the batch through
+    ``guard.observe_batch`` before ``model(**batch)``; both remove it.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, *,
+                 sample_ids: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.sample_ids = sample_ids
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -35,7 +42,10 @@ class CausalLMCollator:
             input_ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             labels[i, :k] = torch.as_tensor(r["labels"], dtype=torch.long)
             attention[i, :k] = 1
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if self.sample_ids and all("index" in r for r in rows):
+            batch["sample_ids"] = torch.tensor([int(r["index"]) for r in rows], dtype=torch.long)
+        return batch
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

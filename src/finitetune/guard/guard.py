@@ -17,6 +17,11 @@ already computed, never before deciding -> ``optimizer.step()`` or nothing at al
 (not advanced on a skip by default). A skip leaves parameters and every optimizer-state entry
 bit-identical: zeroing the gradients or multiplying the update by 0 is *not* a skip (Adam moves
 on its momentum, weight decay still applies, and 0 x NaN = NaN poisons the moments).
+
+Distributed (DDP, FSDP2 ``fully_shard``): call ``step``/``check`` on every rank. The packed
+tensor has the same length on every rank whatever gradients exist, is reduced with one SUM
+all-reduce, and only reduced numbers feed the decision, so every rank takes the same one; rank
+0 writes the event (see :mod:`finitetune.guard.distributed`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -63,6 +68,34 @@ _REASON_COUNTER = {
 }
 _LOG_KEYS = ("skipped", "nonfinite", "no_valid_tokens", "empty_micro_batches", "rollbacks",
              "consecutive_skips")
+
+
+_RANK_FLAGS = {1: "nonfinite_grad_ranks", 2: "nonfinite_loss_ranks", 4: "empty_ranks"}
+
+
+def _rank_flags(grad_vec: torch.Tensor, loss_vec: torch.Tensor) -> torch.Tensor:
+    """This rank's local findings as a bitmask (1 grad NaN/inf, 2 loss NaN/inf, 4 no tokens).
+
+    Device-side, no sync; distributed runs only. Rides in the packed vector so the event can
+    say which rank had the NaN, although the decision itself is global.
+    """
+    at = {name: i for i, name in enumerate(LOSS_FIELDS)}
+    grad_bad = (grad_vec[GRAD_FIELDS.index("nan_norms")]
+                + grad_vec[GRAD_FIELDS.index("inf_norms")]) > 0
+    loss_bad = loss_vec[at["loss_nonfinite"]] > 0
+    known, micro = loss_vec[at["tokens_known"]], loss_vec[at["micro_batches"]]
+    empty = (micro > 0) & (known == micro) & (loss_vec[at["tokens"]] == 0)
+    dtype = grad_vec.dtype
+    return grad_bad.to(dtype) + 2 * loss_bad.to(dtype) + 4 * empty.to(dtype)
+
+
+def _rank_lists(slots: list[float]) -> dict[str, Any]:
+    """Decode the reduced per-rank slots into the event's rank lists."""
+    codes = [round(v) if math.isfinite(v) else 0 for v in slots]
+    out: dict[str, Any] = {"rank": distributed.rank(), "world_size": len(codes)}
+    for bit, key in _RANK_FLAGS.items():
+        out[key] = [r for r, c in enumerate(codes) if c & bit]
+    return out
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -111,10 +144,17 @@ class Guard:
         self.scaler = scaler
         self.output_dir = output_dir
         self.on_fault = on_fault
+        self._batches: list[tuple[Any, Any]] = []
+        bind = getattr(on_fault, "bind_guard", None)  # an Attributor reads the step's batches
+        if callable(bind):
+            bind(self)
         self.max_grad_norm = float(self.config.max_grad_norm or 0.0)
         """Clip value in use (``GuardCallback`` sets it from the Trainer's arguments)."""
         self.replicated_grads = True
-        """Distributed: gradients are identical on every rank (DDP), not sharded (FSDP)."""
+        """Distributed: gradients are identical on every rank (DDP), not sharded (FSDP2).
+        Detected from the parameters by :meth:`refresh_params` (DTensor parameters are
+        sharded); set it yourself only for a layout the detection cannot see."""
+        self._grad_replicas: int | None = None
         self.work_seconds = 0.0
         """Wall time spent inside ``observe_loss`` and ``check`` (for the overhead benchmark)."""
         self.last_outcome: StepOutcome | None = None
@@ -138,6 +178,10 @@ class Guard:
         else:
             params = [p for g in self.inner_optimizer.param_groups for p in g["params"]]
         self._params = params
+        # DDP / one process: None (replicated); fully_shard: ranks per gradient element.
+        # Raises ConfigError for layouts the guard cannot add up (FSDP1, mixed).
+        self._grad_replicas = distributed.grad_replicas(self.model, params)
+        self.replicated_grads = self._grad_replicas is None
         self._grad_stats = GradStats(params)
         self._snapshot = (Snapshot(params, self.inner_optimizer)
                           if self.config.needs_snapshots else None)
@@ -164,6 +208,24 @@ class Guard:
         t0 = time.perf_counter()
         self._loss.add(loss, num_tokens, window_normalized)
         self.work_seconds += time.perf_counter() - t0
+
+    def observe_batch(self, batch: Any) -> Any:
+        """Register the micro-batch about to enter the model; return it without ``sample_ids``.
+
+        ``out = model(**guard.observe_batch(batch))``. The collator's ``sample_ids`` (dataset
+        indices) are popped so the model never sees them. With an ``on_fault`` hook the batch
+        is kept *by reference* (no copy, no sync) until the end of the step, so attribution can
+        name and replay the samples of a faulty step; without one nothing is kept.
+        """
+        ids = batch.pop("sample_ids", None) if isinstance(batch, MutableMapping) else None
+        if self.on_fault is not None:
+            self._batches.append((batch, ids))
+        return batch
+
+    @property
+    def batches(self) -> list[tuple[Any, Any]]:
+        """(inputs, sample_ids or None) of each micro-batch of the current step."""
+        return self._batches
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> StepOutcome:
@@ -203,12 +265,23 @@ class Guard:
             self.scaler.unscale_(self.optimizer)
         grad_vec, clip_norm = self._grad_stats.compute()
         device = grad_vec.device
-        parts = [grad_vec, self._loss.packed(device)]
+        loss_vec = self._loss.packed(device)
+        # Packed layout (float64, same length on every rank whatever grads/losses exist):
+        # GRAD_FIELDS | LOSS_FIELDS | [scaler found_inf] | [one fault-flag slot per rank]
+        parts = [grad_vec, loss_vec]
         if self.scaler is not None:
             parts.append(self._found_inf(device))
+        ws = distributed.world_size()
+        if ws > 1:
+            parts.append(distributed.rank_slots(_rank_flags(grad_vec, loss_vec)))
+        # COLLECTIVE (distributed only): the step's one all-reduce; SUM, so counts stay exact
+        # and a NaN on any rank reaches every rank. Afterwards all ranks hold the same numbers.
         packed = distributed.all_reduce_sum_(torch.cat(parts))
+        if not self.replicated_grads:  # shards: the clip norm is the global one, on device
+            clip_norm = (packed[0] / self._grad_div()).sqrt().to(clip_norm.dtype)
         values = packed.tolist()  # HOST SYNC: the one read of device values per optimizer step
-        stats, clip_value = self._read(values)
+        stats, clip_value = self._read(values[:len(values) - (ws if ws > 1 else 0)])
+        ranks = _rank_lists(values[len(values) - ws:]) if ws > 1 else None
         signals = self._signals(stats)
         ctx = PolicyContext(self.counters["consecutive_skips"], self.counters["rollbacks"],
                             self._snapshot is not None and self._snapshot.exists)
@@ -219,15 +292,36 @@ class Guard:
             extra = self.on_fault(outcome)  # attribution: gradients and state still as found
         self._enact(outcome, stats, signals, clip_norm, clip_value)
         self._loss.reset()
+        self._batches = []
         self._grad_stats.release()
         self.last_outcome = outcome
-        if outcome.reason is not None and distributed.is_main_process():
-            record = events.event_record(outcome, self.counters)
-            if isinstance(extra, dict):
-                record.update(extra)
-            events.write_event(self.output_dir, record, outcome.message)
+        if outcome.reason is not None:
+            self._emit(outcome, extra, ranks)
         self.work_seconds += time.perf_counter() - t0
         return outcome
+
+    def _emit(self, outcome: StepOutcome, extra: Any, ranks: dict[str, Any] | None) -> None:
+        """One ``events.jsonl`` line per event, written by rank 0 for the whole (global) step.
+
+        Distributed: the line carries ``rank`` (the writer), ``world_size`` and which ranks saw
+        what locally (``nonfinite_grad_ranks``, ``nonfinite_loss_ranks``, ``empty_ranks``),
+        decoded from the per-rank slots of the packed vector. When an ``on_fault`` hook ran,
+        every rank's result reaches the line under ``per_rank``: COLLECTIVE (fault path only,
+        taken by every rank alike because the decision is global).
+        """
+        per_rank = None
+        if ranks is not None and not outcome.applied and self.on_fault is not None:
+            per_rank = distributed.all_gather_objects(extra if isinstance(extra, dict) else None)
+        if not distributed.is_main_process():
+            return
+        record = events.event_record(outcome, self.counters)
+        if isinstance(extra, dict):
+            record.update(extra)
+        if ranks is not None:
+            record.update(ranks)
+        if per_rank is not None:
+            record["per_rank"] = [{"rank": r, **(d or {})} for r, d in enumerate(per_rank)]
+        events.write_event(self.output_dir, record, outcome.message)
 
     def halt_error(self, outcome: StepOutcome) -> NonFiniteHalt:
         """The :class:`NonFiniteHalt` for a halting outcome (with the diagnosis)."""
@@ -242,11 +336,24 @@ class Guard:
             total = total + value.to(device=device, dtype=total.dtype)
         return total
 
+    def _grad_div(self) -> int:
+        """Ranks that hold each gradient element: the reduced gradient segment over-counts by
+        this (DDP: every rank; fully_shard: 1)."""
+        return distributed.world_size() if self.replicated_grads else (self._grad_replicas or 1)
+
     def _read(self, values: list[float]) -> tuple[StepStats, float]:
+        """Turn the reduced vector (identical on every rank) into this step's ``StepStats``.
+
+        Only reduced numbers are read here, never a rank-local count, so every rank builds the
+        same stats and :func:`decide` takes the same decision everywhere.
+        """
         g = dict(zip(GRAD_FIELDS, values, strict=False))
         lo = dict(zip(LOSS_FIELDS, values[len(GRAD_FIELDS):], strict=False))
-        if distributed.world_size() > 1 and self.replicated_grads:
-            g = {k: v / distributed.world_size() for k, v in g.items()}
+        div = self._grad_div()
+        if div > 1:  # counts / div stay > 0 iff some rank counted one: the flags survive
+            g = {k: v / div for k, v in g.items()}
+        if not self.replicated_grads:  # summed shard norms mean nothing; the total does
+            g["clip_norm"] = math.sqrt(g["grad_sq"]) if g["grad_sq"] >= 0 else g["grad_sq"]
         nonfinite = g["nan_norms"] > 0
         overflow = False
         grad_norm = math.sqrt(g["grad_sq"]) if math.isfinite(g["grad_sq"]) else g["grad_sq"]
@@ -254,8 +361,11 @@ class Guard:
             grad_norm = math.nan
         elif g["inf_norms"] > 0:
             # Fault path only: an inf per-tensor norm is an inf element or an fp32 overflow.
+            # COLLECTIVE + HOST SYNC (second ones, on this fault path only, on every rank
+            # alike: the branch was taken on reduced numbers)
             probe = distributed.all_reduce_sum_(self._grad_stats.inspect_inf())
-            inf_elems, sq64 = probe.tolist()  # HOST SYNC (second one, on this fault path only)
+            inf_elems, sq64 = probe.tolist()
+            sq64 /= div
             nonfinite = inf_elems > 0
             overflow = not nonfinite
             grad_norm = math.inf if nonfinite or sq64 <= 0 else math.sqrt(sq64)
@@ -263,16 +373,19 @@ class Guard:
             overflow = g["grad_sq"] > FP32_MAX or not math.isfinite(g["clip_norm"])
             if not overflow:  # report the fp32 norm clip_grad_norm_ itself would return
                 grad_norm = g["clip_norm"]
-        micro = self._loss.micro_batches
+        # micro-batch counts over all ranks (reduced, so a rank that observed nothing agrees)
+        micro = round(lo["micro_batches"])
         weight, raw = lo["loss_weight"], lo["loss_raw_sum"]
         loss = None
         if micro and weight > 0:
-            # window-normalized shares add up to each rank's step loss; ranks are averaged, as
-            # the Trainer's logged loss is. Per-token means are weighted by their tokens.
+            # Window-normalized shares add up to each rank's step loss; ranks are averaged, as
+            # the Trainer's logged loss is (the Trainer multiplies each share by the world size
+            # when num_items_in_batch is global, so this is the token mean of all ranks' batch).
+            # Per-token means are weighted by their tokens.
             ws = distributed.world_size()
-            loss = raw / ws if self._loss.window_normalized else raw / weight
+            loss = raw / ws if lo["window_normalized"] > 0 else raw / weight
         tokens = None
-        if micro and self._loss.tokens_known == micro:
+        if micro and round(lo["tokens_known"]) == micro:
             tokens = round(lo["tokens"])
         scaler_overflow = self.scaler is not None and values[-1] > 0
         stats = StepStats(

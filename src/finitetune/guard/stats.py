@@ -18,13 +18,18 @@ from __future__ import annotations
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from finitetune.guard.distributed import local_tensor
+
 __all__ = ["GRAD_FIELDS", "LOSS_FIELDS", "GradStats", "LossAccumulator", "acc_dtype"]
 
 GRAD_FIELDS = ("grad_sq", "nan_norms", "inf_norms", "clip_norm")
 """Layout of :meth:`GradStats.compute`'s vector."""
 
-LOSS_FIELDS = ("loss_sum", "loss_raw_sum", "loss_weight", "loss_nonfinite", "tokens", "empty")
-"""Layout of :meth:`LossAccumulator.packed`'s vector."""
+LOSS_FIELDS = ("loss_sum", "loss_raw_sum", "loss_weight", "loss_nonfinite", "tokens", "empty",
+               "micro_batches", "tokens_known", "window_normalized")
+"""Layout of :meth:`LossAccumulator.packed`'s vector. The last three are counts of micro-batches
+(all, with a token count, window-normalized): on the device so that, reduced across ranks, they
+tell every rank the same thing even when one rank observed nothing this step."""
 
 
 def acc_dtype(device: torch.device) -> torch.dtype:
@@ -47,6 +52,9 @@ class GradStats:
             raise ValueError("the guard found no trainable parameter (requires_grad=True)")
         self.device = self.params[0].device
         self.dtype = acc_dtype(self.device)
+        # FSDP2 (fully_shard): DTensor gradients; the norms are taken over the local shards
+        # (the guard adds the squares up across ranks) and clipping scales the shards in place.
+        self.sharded = any(local_tensor(p) is not p for p in self.params)
         grouped = _group_tensors_by_device_and_dtype([self.params])  # same order torch uses
         self.groups: list[tuple[torch.device, torch.dtype, list[torch.Tensor]]] = [
             (device, dtype, tensors) for (device, dtype), ([tensors], _) in grouped.items()
@@ -65,6 +73,8 @@ class GradStats:
             grads = [g for g in (p.grad for p in params) if g is not None]
             if not grads:
                 continue
+            if self.sharded:
+                grads = [local_tensor(g) for g in grads]
             if dtype == torch.float16:  # an fp16 norm saturates at 65504: accumulate in fp32
                 per_tensor = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
             else:
@@ -114,6 +124,19 @@ class GradStats:
         self._grads = []
 
 
+_COUNTS: dict[tuple[bool, bool, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _counts(known: bool, normalized: bool, device: torch.device, dtype: torch.dtype
+            ) -> torch.Tensor:
+    """[1, known, normalized] as a cached device tensor (built once: no copy per micro-batch)."""
+    key = (known, normalized, device, dtype)
+    if key not in _COUNTS:
+        _COUNTS[key] = torch.tensor([1.0, float(known), float(normalized)], dtype=dtype,
+                                    device=device)
+    return _COUNTS[key]
+
+
 class LossAccumulator:
     """Device-side sums of the micro-batch losses and token counts of one optimizer step.
 
@@ -157,11 +180,11 @@ class LossAccumulator:
             weight = torch.ones_like(n) if window_normalized else n
             self.tokens_known += 1
         lw = value * weight
-        contrib = torch.stack([
+        contrib = torch.cat([torch.stack([
             torch.where(valid & finite, lw, 0.0), torch.where(valid, lw, 0.0),
             torch.where(valid, weight, 0.0), (valid & ~finite).to(dtype), n,
             (~valid).to(dtype),
-        ])
+        ]), _counts(num_tokens is not None, window_normalized, device, dtype)])
         self._acc = contrib if self._acc is None else self._acc + contrib
         self.micro_batches += 1
 

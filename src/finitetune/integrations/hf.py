@@ -14,7 +14,8 @@ five of the Trainer's methods on that *instance* (the class is untouched):
 - ``optimizer.step``: not called at all on a skipped step; accelerate's
   ``optimizer_step_was_skipped`` is set, so the Trainer does not advance the LR scheduler;
 - ``training_step``: feeds the micro-batch loss and supervised-token count to the guard (device
-  tensors, no sync);
+  tensors, no sync), and hands it the micro-batch (``Guard.observe_batch``: ``sample_ids``
+  popped, the dict kept by reference for attribution);
 - ``log``: adds the ``guard/*`` counters to every training log (so TensorBoard / W&B get them);
 - ``train``: re-raises :class:`~finitetune.NonFiniteHalt` after a halted run has finished
   cleanly (``on_train_end`` of every callback ran, logs were flushed).
@@ -86,7 +87,9 @@ class GuardCallback(TrainerCallback, ExportableState):
     - **Checkpoints** carry the guard's counters and spike windows (in ``trainer_state.json``
       under ``stateful_callbacks``); resuming restores them.
 
-    DeepSpeed and FSDP are not supported yet (their engines step and clip themselves).
+    Distributed: DDP (``torchrun``, ``accelerate launch``) and FSDP2 are supported; every rank
+    takes the same decision from one all-reduce per step, and rank 0 writes the events.
+    DeepSpeed and FSDP1 raise :class:`~finitetune.ConfigError` at ``on_train_begin``.
 
     Args:
         config: :class:`~finitetune.GuardConfig` (or its dict form); default settings if None.
@@ -158,12 +161,7 @@ class GuardCallback(TrainerCallback, ExportableState):
         # a halt is raised from on_train_end instead of after train() returns.
         self._raise_at_end = not getattr(trainer, "_finitetune_wrapped", False)
         self.bind(trainer)
-        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(
-            trainer, "is_fsdp_enabled", False
-        ):
-            raise ConfigError("GuardCallback does not support DeepSpeed or FSDP yet: their "
-                              "engines clip and step the optimizer themselves. Remove the "
-                              "callback or train with DDP / a single device.")
+        _check_parallelism(trainer, args)
         optimizer = trainer.optimizer
         max_norm = self.config.max_grad_norm
         scaler = getattr(optimizer, "scaler", None)
@@ -212,6 +210,9 @@ class GuardCallback(TrainerCallback, ExportableState):
 
         def guarded_training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
+            # pops the collator's sample_ids (the model never sees them); keeps the inputs dict
+            # by reference for attribution when an on_fault hook is set (cleared every step)
+            inputs = guard.observe_batch(inputs)
             tokens = _supervised_tokens(inputs, shifts)
             guard.work_seconds += time.perf_counter() - t0
             loss = training_step(model, inputs, *args, **kwargs)
@@ -288,6 +289,35 @@ class GuardCallback(TrainerCallback, ExportableState):
 
 
 _MISSING = object()
+
+
+def _check_parallelism(trainer: Trainer, args: Any) -> None:
+    """Refuse, at start-up, the set-ups the guard cannot make safe (each message names a fix).
+
+    Supported: one device, DDP (``torchrun`` / ``accelerate launch``; gradients replicated) and
+    FSDP2 (gradients are DTensor shards; the guard adds up the squared shard norms). DeepSpeed
+    clips and steps inside its engine; FSDP1's flat shards are not read by the guard; and on
+    CPU accelerate silently drops the Trainer's FSDP option and trains with DDP, which would
+    leave a user believing the model is sharded.
+    """
+    import os
+
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ConfigError("GuardCallback does not support DeepSpeed: its engine clips and steps "
+                          "the optimizer itself. Train with DDP or FSDP2, or remove the callback.")
+    fsdp_requested = bool(getattr(args, "fsdp", None)) or (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        if not getattr(trainer.accelerator, "is_fsdp2", False):
+            raise ConfigError("GuardCallback supports FSDP2 only (FSDP1 keeps flat-parameter "
+                              "shards the guard does not read): set fsdp_config="
+                              "{'fsdp_version': 2} (accelerate: --fsdp_version 2).")
+    elif fsdp_requested:
+        raise ConfigError("FSDP was requested but accelerate runs this Trainer without it (on "
+                          "CPU it falls back to DDP without a word): remove the fsdp option to "
+                          "train with DDP, or run on GPUs. For sharding on CPU/gloo, use "
+                          "torch.distributed.fsdp.fully_shard with finitetune.Guard in a plain "
+                          "loop.")
 
 
 def _supervised_tokens(inputs: Any, shifts: bool) -> torch.Tensor | None:
