@@ -19,17 +19,15 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finitetune.config import TrainConfig
 from finitetune.errors import ConfigError
-from finitetune.jsonio import write_json_atomic, write_text_atomic
+from finitetune.jsonio import write_json_atomic
+from finitetune.rundir import make_run_dir, save_final, trim_metrics, write_eval, write_reports
 
 log = logging.getLogger("finitetune")
 
@@ -70,29 +68,8 @@ def split_records(records: list[dict], eval_size: int, seed: int) -> tuple[list,
     return [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(eval_idx)]
 
 
-def prepare_output_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.output_dir or f"runs/{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        if not cfg.overwrite:
-            raise ConfigError(f"{out} is not empty; pass --resume to continue that run or "
-                              "--overwrite to replace it")
-        if not (out / "config.yaml").exists():
-            raise ConfigError(f"refusing to --overwrite {out}: it is not a finitetune run "
-                              "directory (no config.yaml); choose another --output-dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint: they will be logged again."""
-    import json
-
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -204,34 +181,6 @@ def _init_distributed() -> bool:
     return torch.distributed.is_initialized()
 
 
-def _make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
-                  tokenizer: Any) -> Path:
-    """Rank 0 makes and fills the run directory; the others get its path (or its error).
-
-    COLLECTIVE (distributed only): one broadcast, which is also the barrier that keeps the
-    other ranks from using the directory before it exists. An error on rank 0 travels in it,
-    so every rank raises the same error instead of waiting forever.
-    """
-    from finitetune.errors import FinitetuneError
-    from finitetune.guard import distributed
-
-    found: tuple[str | None, str | None] = (None, None)
-    if distributed.is_main_process():
-        try:
-            out = prepare_output_dir(cfg)
-            write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            write_json_atomic(out / "label_report.json", {**label_report.to_dict(),
-                                                           "policy": label_summary})
-            tokenizer.save_pretrained(out / "tokenizer")
-            found = (str(out), None)
-        except (FinitetuneError, OSError) as exc:
-            if not distributed.is_distributed():
-                raise
-            found = (None, f"rank 0: {exc}")
-    path, error = distributed.broadcast_object(found)
-    if error is not None:
-        raise ConfigError(error)
-    return Path(path)
 
 
 def _run_training(cfg: TrainConfig) -> RunResult:
@@ -265,7 +214,7 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
 
     # 2. the run directory
-    out = _make_run_dir(cfg, label_report, label_summary, tokenizer)
+    out = make_run_dir(cfg, label_report, label_summary, tokenizer)
     result = RunResult(output_dir=out)
     eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
                        max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
@@ -275,8 +224,8 @@ def _run_training(cfg: TrainConfig) -> RunResult:
                                      eval_kwargs, result)
     finally:
         if distributed.is_main_process():
-            _write_eval(out, result)
-            _write_reports(out)
+            write_eval(out, result)
+            write_reports(out)
     return result
 
 
@@ -301,7 +250,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         if resume_from is None:
             raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
         if main:
-            _trim_metrics(out / "metrics.jsonl", int(resume_from.rsplit("-", 1)[-1]))
+            trim_metrics(out / "metrics.jsonl", int(resume_from.rsplit("-", 1)[-1]))
     elif cfg.eval_before and main:
         # the other ranks wait in the Trainer's first collective meanwhile
         result.eval_before = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
@@ -335,7 +284,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         result.train_seconds = round(time.perf_counter() - start, 2)
         result.global_step = trainer.state.global_step
         if main:
-            _save_final(trainer, tokenizer, out)
+            save_final(trainer, tokenizer, out)
     if not main:
         return result  # evaluation (generation) runs on rank 0 only
     print(f"finitetune: trained {result.global_step} steps in {result.train_seconds:.1f} s",
@@ -346,10 +295,6 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     return result
 
 
-def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
-    final = out / "final"
-    trainer.model.save_pretrained(str(final), safe_serialization=True)
-    tokenizer.save_pretrained(str(final))
 
 
 def _print_eval(when: str, ev: dict) -> None:
@@ -357,30 +302,8 @@ def _print_eval(when: str, ev: dict) -> None:
           f"({ev['correct']}/{ev['total']}), eval loss {ev['eval_loss']:.4f}", flush=True)
 
 
-def _write_eval(out: Path, result: RunResult) -> None:
-    previous = {}
-    if (out / "eval.json").exists():
-        import json
-
-        previous = json.loads((out / "eval.json").read_text())
-    ev = {
-        "before": result.eval_before or previous.get("before"),
-        "after": result.eval_after,
-        "global_step": result.global_step,
-        "train_seconds": result.train_seconds,
-    }
-    write_json_atomic(out / "eval.json", ev)
 
 
-def _write_reports(out: Path) -> None:
-    try:
-        from finitetune.report import write_reports
-    except ImportError:
-        return
-    try:
-        write_reports(out)
-    except Exception as exc:  # the report must never hide the training outcome
-        log.warning("could not write the health report: %s", exc)
 
 
 def configure_runtime() -> None:
