@@ -7,7 +7,7 @@ from importlib import metadata
 
 import torch
 
-from finitetune import precision as P
+from finitetune import precision_probe
 from finitetune.cli.main import main
 
 PACKAGES = ["python", "torch", "transformers", "peft", "accelerate", "datasets", "finitetune"]
@@ -16,8 +16,8 @@ PACKAGES = ["python", "torch", "transformers", "peft", "accelerate", "datasets",
 def _cpu_without_amx(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    monkeypatch.setattr(P, "cpu_features", lambda: {"amx_bf16": False, "avx512_bf16": True,
-                                                    "avx512_fp16": False})
+    monkeypatch.setattr(precision_probe, "cpu_features",
+                        lambda: {"amx_bf16": False, "avx512_bf16": True, "avx512_fp16": False})
 
 
 def test_env_prints_versions_device_and_plan_with_reasons(monkeypatch, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from finitetune import PrecisionPlan, choose_precision
+from finitetune import PrecisionPlan, choose_precision, precision_probe
 from finitetune import precision as P
 from finitetune.errors import ConfigError
 
@@ -25,7 +25,7 @@ def _no_accelerators(monkeypatch):
 
 def sim_cpu(monkeypatch, features=NO_AMX):
     _no_accelerators(monkeypatch)
-    monkeypatch.setattr(P, "cpu_features", lambda: dict(features))
+    monkeypatch.setattr(precision_probe, "cpu_features", lambda: dict(features))
 
 
 def sim_cuda(monkeypatch, bf16: bool, name="Tesla T4", cap=(7, 5)):
@@ -47,7 +47,7 @@ def sim_cuda(monkeypatch, bf16: bool, name="Tesla T4", cap=(7, 5)):
 def sim_mps(monkeypatch, bf16=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    monkeypatch.setattr(P, "_mps_bf16_works", lambda: bf16)
+    monkeypatch.setattr(precision_probe, "_mps_bf16_works", lambda: bf16)
 
 
 class _Cfg:

@@ -18,7 +18,7 @@ from finitetune import health_report
 from finitetune.cli.main import main
 from finitetune.errors import ReportInputError
 from finitetune.jsonio import append_jsonl, write_json_atomic
-from finitetune.report import parse
+from finitetune.report import console, parse
 
 LOGS = Path(__file__).parent / "data" / "logs"
 
@@ -129,7 +129,7 @@ def test_block_boundaries_lose_nothing(tmp_path, monkeypatch):
                      f" 'learning_rate': 1e-05, 'epoch': {i / 3000}}}")
     path = tmp_path / "big.log"
     path.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(parse, "BLOCK", 997)  # every block boundary cuts a line
+    monkeypatch.setattr(console, "BLOCK", 997)  # every block boundary cuts a line
     r = health_report(path)
     assert (r.metrics["loss"].total, r.metrics["grad_norm"].nan) == (3000, 30)
 

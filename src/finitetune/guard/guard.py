@@ -11,12 +11,13 @@ Plain loop (as short as GradScaler's)::
         optimizer.zero_grad()
 
 Order inside ``step`` (DESIGN.md §2): one fused pass over the gradients (pre-clip norm and
-finite flags) plus the loss sums, packed in one small tensor -> (all-reduce when distributed) ->
-one host sync -> pure decision (:func:`~finitetune.guard.policy.decide`) -> clip with the norm
-already computed, never before deciding -> ``optimizer.step()`` or nothing at all -> scheduler
-(not advanced on a skip by default). A skip leaves parameters and every optimizer-state entry
-bit-identical: zeroing the gradients or multiplying the update by 0 is *not* a skip (Adam moves
-on its momentum, weight decay still applies, and 0 x NaN = NaN poisons the moments).
+finite flags) plus the loss sums, packed in one small tensor (layout:
+:mod:`~finitetune.guard.step_vector`) -> (all-reduce when distributed) -> one host sync -> pure
+decision (:func:`~finitetune.guard.policy.decide`) -> clip with the norm already computed, never
+before deciding -> ``optimizer.step()`` or nothing at all -> scheduler (not advanced on a skip
+by default). A skip leaves parameters and every optimizer-state entry bit-identical: zeroing
+the gradients or multiplying the update by 0 is *not* a skip (Adam moves on its momentum,
+weight decay still applies, and 0 x NaN = NaN poisons the moments).
 
 Distributed (DDP, FSDP2 ``fully_shard``): call ``step``/``check`` on every rank. The packed
 tensor has the same length on every rank whatever gradients exist, is reduced with one SUM
@@ -36,13 +37,12 @@ import torch
 
 from finitetune.config import GuardConfig
 from finitetune.errors import NonFiniteHalt
-from finitetune.guard import distributed, events
+from finitetune.guard import distributed, events, step_vector
+from finitetune.guard.counters import REASON_COUNTER, log_view, new_counters
 from finitetune.guard.policy import (
     FAULT_REASONS,
-    FP32_MAX,
     Action,
     PolicyContext,
-    Reason,
     Signals,
     SpikeDetector,
     StepOutcome,
@@ -50,52 +50,9 @@ from finitetune.guard.policy import (
     decide,
 )
 from finitetune.guard.snapshot import Snapshot, backoff_lr
-from finitetune.guard.stats import GRAD_FIELDS, LOSS_FIELDS, GradStats, LossAccumulator
+from finitetune.guard.stats import GradStats, LossAccumulator
 
 __all__ = ["Guard"]
-
-_COUNTERS = (
-    "steps", "applied", "skipped", "nonfinite", "nonfinite_grad", "nonfinite_loss",
-    "norm_overflow", "no_valid_tokens", "loss_spikes", "grad_spikes", "warnings", "rollbacks",
-    "lr_reductions", "scaler_overflows", "clipped", "empty_micro_batches", "consecutive_skips",
-    "last_applied_step",
-)
-_REASON_COUNTER = {
-    Reason.NONFINITE_GRAD: "nonfinite_grad", Reason.NONFINITE_LOSS: "nonfinite_loss",
-    Reason.NORM_OVERFLOW: "norm_overflow", Reason.NO_VALID_TOKENS: "no_valid_tokens",
-    Reason.LOSS_SPIKE: "loss_spikes", Reason.GRAD_SPIKE: "grad_spikes",
-    Reason.SCALER_OVERFLOW: "scaler_overflows",
-}
-_LOG_KEYS = ("skipped", "nonfinite", "no_valid_tokens", "empty_micro_batches", "rollbacks",
-             "consecutive_skips")
-
-
-_RANK_FLAGS = {1: "nonfinite_grad_ranks", 2: "nonfinite_loss_ranks", 4: "empty_ranks"}
-
-
-def _rank_flags(grad_vec: torch.Tensor, loss_vec: torch.Tensor) -> torch.Tensor:
-    """This rank's local findings as a bitmask (1 grad NaN/inf, 2 loss NaN/inf, 4 no tokens).
-
-    Device-side, no sync; distributed runs only. Rides in the packed vector so the event can
-    say which rank had the NaN, although the decision itself is global.
-    """
-    at = {name: i for i, name in enumerate(LOSS_FIELDS)}
-    grad_bad = (grad_vec[GRAD_FIELDS.index("nan_norms")]
-                + grad_vec[GRAD_FIELDS.index("inf_norms")]) > 0
-    loss_bad = loss_vec[at["loss_nonfinite"]] > 0
-    known, micro = loss_vec[at["tokens_known"]], loss_vec[at["micro_batches"]]
-    empty = (micro > 0) & (known == micro) & (loss_vec[at["tokens"]] == 0)
-    dtype = grad_vec.dtype
-    return grad_bad.to(dtype) + 2 * loss_bad.to(dtype) + 4 * empty.to(dtype)
-
-
-def _rank_lists(slots: list[float]) -> dict[str, Any]:
-    """Decode the reduced per-rank slots into the event's rank lists."""
-    codes = [round(v) if math.isfinite(v) else 0 for v in slots]
-    out: dict[str, Any] = {"rank": distributed.rank(), "world_size": len(codes)}
-    for bit, key in _RANK_FLAGS.items():
-        out[key] = [r for r, c in enumerate(codes) if c & bit]
-    return out
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -158,8 +115,7 @@ class Guard:
         self.work_seconds = 0.0
         """Wall time spent inside ``observe_loss`` and ``check`` (for the overhead benchmark)."""
         self.last_outcome: StepOutcome | None = None
-        self.counters: dict[str, Any] = dict.fromkeys(_COUNTERS, 0)
-        self.counters["last_applied_step"] = None
+        self.counters: dict[str, Any] = new_counters()
         self.lr_scale = 1.0
         cfg = self.config
         self._loss_detector = SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_min_scale)
@@ -265,23 +221,22 @@ class Guard:
             self.scaler.unscale_(self.optimizer)
         grad_vec, clip_norm = self._grad_stats.compute()
         device = grad_vec.device
-        loss_vec = self._loss.packed(device)
-        # Packed layout (float64, same length on every rank whatever grads/losses exist):
-        # GRAD_FIELDS | LOSS_FIELDS | [scaler found_inf] | [one fault-flag slot per rank]
-        parts = [grad_vec, loss_vec]
-        if self.scaler is not None:
-            parts.append(self._found_inf(device))
+        found_inf = (step_vector.scaler_found_inf(self.scaler, self.inner_optimizer,
+                                                  self._grad_stats.dtype, device)
+                     if self.scaler is not None else None)
         ws = distributed.world_size()
-        if ws > 1:
-            parts.append(distributed.rank_slots(_rank_flags(grad_vec, loss_vec)))
         # COLLECTIVE (distributed only): the step's one all-reduce; SUM, so counts stay exact
         # and a NaN on any rank reaches every rank. Afterwards all ranks hold the same numbers.
-        packed = distributed.all_reduce_sum_(torch.cat(parts))
+        packed = distributed.all_reduce_sum_(
+            step_vector.pack(grad_vec, self._loss.packed(device), found_inf, ws))
         if not self.replicated_grads:  # shards: the clip norm is the global one, on device
             clip_norm = (packed[0] / self._grad_div()).sqrt().to(clip_norm.dtype)
         values = packed.tolist()  # HOST SYNC: the one read of device values per optimizer step
-        stats, clip_value = self._read(values[:len(values) - (ws if ws > 1 else 0)])
-        ranks = _rank_lists(values[len(values) - ws:]) if ws > 1 else None
+        values, ranks = step_vector.split(values, ws)
+        # an inf per-tensor norm (fault path only): one more COLLECTIVE + HOST SYNC in there
+        stats, clip_value = step_vector.read_stats(
+            values, grad_div=self._grad_div(), replicated_grads=self.replicated_grads,
+            has_scaler=self.scaler is not None, inspect_inf=self._grad_stats.inspect_inf)
         signals = self._signals(stats)
         ctx = PolicyContext(self.counters["consecutive_skips"], self.counters["rollbacks"],
                             self._snapshot is not None and self._snapshot.exists)
@@ -328,72 +283,10 @@ class Guard:
         return events.halt_error(outcome, self.counters, self.counters["last_applied_step"])
 
     # ---- internals --------------------------------------------------------------------------
-    def _found_inf(self, device: torch.device) -> torch.Tensor:
-        """GradScaler's own inf/NaN check of this step, reused (no second pass)."""
-        found = self.scaler._found_inf_per_device(self.inner_optimizer)  # private torch API
-        total = torch.zeros(1, dtype=self._grad_stats.dtype, device=device)
-        for value in found.values():
-            total = total + value.to(device=device, dtype=total.dtype)
-        return total
-
     def _grad_div(self) -> int:
         """Ranks that hold each gradient element: the reduced gradient segment over-counts by
         this (DDP: every rank; fully_shard: 1)."""
         return distributed.world_size() if self.replicated_grads else (self._grad_replicas or 1)
-
-    def _read(self, values: list[float]) -> tuple[StepStats, float]:
-        """Turn the reduced vector (identical on every rank) into this step's ``StepStats``.
-
-        Only reduced numbers are read here, never a rank-local count, so every rank builds the
-        same stats and :func:`decide` takes the same decision everywhere.
-        """
-        g = dict(zip(GRAD_FIELDS, values, strict=False))
-        lo = dict(zip(LOSS_FIELDS, values[len(GRAD_FIELDS):], strict=False))
-        div = self._grad_div()
-        if div > 1:  # counts / div stay > 0 iff some rank counted one: the flags survive
-            g = {k: v / div for k, v in g.items()}
-        if not self.replicated_grads:  # summed shard norms mean nothing; the total does
-            g["clip_norm"] = math.sqrt(g["grad_sq"]) if g["grad_sq"] >= 0 else g["grad_sq"]
-        nonfinite = g["nan_norms"] > 0
-        overflow = False
-        grad_norm = math.sqrt(g["grad_sq"]) if math.isfinite(g["grad_sq"]) else g["grad_sq"]
-        if nonfinite:
-            grad_norm = math.nan
-        elif g["inf_norms"] > 0:
-            # Fault path only: an inf per-tensor norm is an inf element or an fp32 overflow.
-            # COLLECTIVE + HOST SYNC (second ones, on this fault path only, on every rank
-            # alike: the branch was taken on reduced numbers)
-            probe = distributed.all_reduce_sum_(self._grad_stats.inspect_inf())
-            inf_elems, sq64 = probe.tolist()
-            sq64 /= div
-            nonfinite = inf_elems > 0
-            overflow = not nonfinite
-            grad_norm = math.inf if nonfinite or sq64 <= 0 else math.sqrt(sq64)
-        else:
-            overflow = g["grad_sq"] > FP32_MAX or not math.isfinite(g["clip_norm"])
-            if not overflow:  # report the fp32 norm clip_grad_norm_ itself would return
-                grad_norm = g["clip_norm"]
-        # micro-batch counts over all ranks (reduced, so a rank that observed nothing agrees)
-        micro = round(lo["micro_batches"])
-        weight, raw = lo["loss_weight"], lo["loss_raw_sum"]
-        loss = None
-        if micro and weight > 0:
-            # Window-normalized shares add up to each rank's step loss; ranks are averaged, as
-            # the Trainer's logged loss is (the Trainer multiplies each share by the world size
-            # when num_items_in_batch is global, so this is the token mean of all ranks' batch).
-            # Per-token means are weighted by their tokens.
-            ws = distributed.world_size()
-            loss = raw / ws if lo["window_normalized"] > 0 else raw / weight
-        tokens = None
-        if micro and round(lo["tokens_known"]) == micro:
-            tokens = round(lo["tokens"])
-        scaler_overflow = self.scaler is not None and values[-1] > 0
-        stats = StepStats(
-            grad_norm=grad_norm, grad_nonfinite=nonfinite, norm_overflow=overflow, loss=loss,
-            loss_nonfinite=lo["loss_nonfinite"] > 0, tokens=tokens, micro_batches=micro,
-            empty_micro_batches=round(lo["empty"]), scaler_overflow=scaler_overflow,
-        )
-        return stats, g["clip_norm"]
 
     def _signals(self, stats: StepStats) -> Signals:
         norm_ok = not (stats.grad_nonfinite or stats.norm_overflow)
@@ -432,8 +325,8 @@ class Guard:
         c = self.counters
         c["steps"] = outcome.step
         c["empty_micro_batches"] += stats.empty_micro_batches
-        if outcome.reason is not None and outcome.reason in _REASON_COUNTER:
-            c[_REASON_COUNTER[outcome.reason]] += 1
+        if outcome.reason is not None and outcome.reason in REASON_COUNTER:
+            c[REASON_COUNTER[outcome.reason]] += 1
         if outcome.reason in FAULT_REASONS:
             c["nonfinite"] += 1
         if outcome.applied:
@@ -475,11 +368,7 @@ class Guard:
 
     def log_counters(self) -> dict[str, float]:
         """Counters for the Trainer's logs / TensorBoard / W&B, keyed ``guard/<name>``."""
-        c = self.counters
-        out = {f"guard/{k}": float(c[k]) for k in _LOG_KEYS}
-        out["guard/spikes"] = float(c["loss_spikes"] + c["grad_spikes"])
-        out["guard/lr_scale"] = float(self.lr_scale)
-        return out
+        return log_view(self.counters, self.lr_scale)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and detector windows, strict-JSON safe (only finite numbers are kept).

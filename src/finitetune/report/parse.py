@@ -4,7 +4,9 @@ Bug reports arrive as run directories, ``trainer_state.json`` files (with bare `
 JSON lines, or console text pasted with progress bars, carriage returns, ANSI colours and
 markdown fences around the Trainer's printed dicts. The health report must not care which, so
 everything becomes :class:`ParsedLog`. Text is parsed streaming, line by line, with compiled
-regexes and no ``ast``/``eval``: a million-line console capture parses in seconds.
+regexes and no ``ast``/``eval``: a million-line console capture parses in seconds (the console
+scanner is :mod:`finitetune.report.console`; run directories are read by
+:mod:`finitetune.report.rundir`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import io
 import json
 import math
 import os
-import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,6 @@ _ALIASES = {
     "gradnorm": "grad_norm", "grad_norm": "grad_norm", "total_norm": "grad_norm",
     "global_step": "step", "iter": "step", "iteration": "step", "train_loss": "loss",
 }
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]")
-# Console text is scanned as bytes: no decoding of megabytes of progress bars, and float()
-# parses bytes itself. A dict never spans lines; its values may be quoted (Trainer's .4g).
-_ANSI_B = re.compile(_ANSI.pattern.encode())
-_DICT_B = re.compile(rb"\{[^{}\n]*\}")
-_PAIR_B = re.compile(rb"""['"]([^'"]+)['"]\s*:\s*(?:'([^']*)'|"([^"]*)"|([^,}\s]+))""")
-_NUM = r"[-+]?(?:nan|inf(?:inity)?|\d+\.?\d*(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?)"
-_KV = re.compile(
-    r"(?<![\w'\"/.\-])([a-z][\w/.\-]*)(\s*[:=]\s*|\s+)(" + _NUM + r")(?![\w.])", re.IGNORECASE
-)
-_KNOWN = frozenset(("loss", "grad_norm", "learning_rate", "step", "epoch"))
-_HINT = re.compile(r"loss|norm|acc|exact_match", re.IGNORECASE)
 
 
 @dataclass
@@ -96,7 +85,7 @@ def load(source: str | os.PathLike | Iterable[Mapping[str, Any]] | ParsedLog) ->
 
 def from_records(entries: Iterable[Mapping[str, Any]], source: str = "<records>") -> ParsedLog:
     """Parse in-memory log dicts, e.g. ``trainer.state.log_history``."""
-    col = _Collector()
+    col = Collector()
     for i, entry in enumerate(entries, 1):
         if not isinstance(entry, Mapping):
             raise ReportInputError(f"{source}, entry {i}: expected a dict of log values, got "
@@ -124,7 +113,7 @@ _KEY_CACHE: dict[str, str] = {}
 _BKEY_CACHE: dict[bytes, str] = {}
 
 
-def _norm_key(key: str) -> str:
+def norm_key(key: str) -> str:
     """Map the spellings of different loggers (``lr``, ``train/loss``, ``eval/loss``) to one."""
     norm = _KEY_CACHE.get(key)
     if norm is None:
@@ -150,7 +139,7 @@ def decode_nonfinite(entry: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Collector:
+class Collector:
     """Classify raw log dicts into training entries, evaluation entries and the summary."""
 
     def __init__(self) -> None:
@@ -166,11 +155,11 @@ class _Collector:
         for key, value in entry.items():
             x = _num(value)
             if x is not None:
-                rec[_norm_key(key)] = x
+                rec[norm_key(key)] = x
         return self.classify(rec, entry)
 
     def add_pairs(self, pairs: list[tuple[bytes, bytes, bytes, bytes]]) -> bool:
-        """Fast path for console text: ``_PAIR_B`` groups; ``float()`` reads bytes directly."""
+        """Fast path for console text: ``console._PAIR_B`` groups; ``float()`` reads bytes."""
         rec: dict[str, float] = {}
         for key, a, b, c in pairs:
             try:
@@ -181,7 +170,7 @@ class _Collector:
                     continue
             norm = _BKEY_CACHE.get(key)
             if norm is None:
-                norm = _BKEY_CACHE[key] = _norm_key(key.decode("utf-8", "replace"))
+                norm = _BKEY_CACHE[key] = norm_key(key.decode("utf-8", "replace"))
             rec[norm] = x
         if "train_runtime" in rec:
             return self.classify(rec, {k.decode("utf-8", "replace"): (a or b or c).decode(
@@ -239,7 +228,9 @@ def load_file(path: Path) -> ParsedLog:
     if mode == "jsonl":
         with open_text(path) as fh:
             return parse_jsonl(fh, str(path), tolerant=False)
-    return _parse_text(path, str(path))
+    from finitetune.report.console import parse_console  # imports this module
+
+    return parse_console(path, str(path))
 
 
 def parse_text(text: str, source: str = "<text>") -> ParsedLog:
@@ -251,7 +242,9 @@ def parse_text(text: str, source: str = "<text>") -> ParsedLog:
             return whole
     if mode == "jsonl":
         return parse_jsonl(text.split("\n"), source, tolerant=False)
-    return _parse_text(text, source)
+    from finitetune.report.console import parse_console  # imports this module
+
+    return parse_console(text, source)
 
 
 def _sniff(head: str, source: str) -> str:
@@ -300,7 +293,7 @@ def _whole_json(text: str, source: str, strict: bool) -> ParsedLog | None:
 def parse_jsonl(lines: Iterable[str], source: str, tolerant: bool) -> ParsedLog:
     """One JSON object per line. A bad last line is a writer that died mid-line: noted, not
     fatal. Any other bad line is fatal unless ``tolerant`` (our own run files), then noted."""
-    col = _Collector()
+    col = Collector()
     log = ParsedLog(source, "jsonl")
     bad: list[tuple[int, str]] = []
     lineno = last = 0
@@ -333,72 +326,3 @@ def _raise_jsonl(source: str, lineno: int, text: str) -> None:
         f"{source}, line {lineno}: expected one JSON object per line (JSON lines), got "
         f"{text[:160]!r}"
     )
-
-
-def _parse_text(src: Path | str, source: str) -> ParsedLog:
-    """Console captures: the Trainer's dict lines, else ``key: value`` lines.
-
-    Dicts are found by regex over 4 MiB blocks (C speed; a dict never spans a line, and a
-    progress bar's carriage returns do not matter to it). Only input without any dict is read
-    again line by line for ``key: value`` pairs: where both appear, a progress bar's
-    ``loss=2.51`` postfix is redrawn many times per step and would count one value many times.
-    """
-    dicts = _Collector()
-    lines = 0
-    for block in _blocks(src):
-        lines += block.count(b"\n")
-        if b"\x1b" in block:
-            block = _ANSI_B.sub(b"", block)
-        for match in _DICT_B.finditer(block):
-            pairs = _PAIR_B.findall(match.group())
-            if pairs:
-                dicts.add_pairs(pairs)
-    if dicts.records or dicts.evals:
-        return dicts.finish(ParsedLog(source, "console", lines=lines))
-    kvs = _Collector()
-    first_text: tuple[int, str] | None = None
-    lineno = 0
-    for lineno, raw in enumerate(_lines(src), 1):
-        line = _ANSI.sub("", raw) if "\x1b" in raw else raw
-        if first_text is None and line.strip():
-            first_text = (lineno, line.strip())
-        if not _HINT.search(line):
-            continue
-        for seg in line.split("\r"):
-            if "%|" in seg:  # a progress bar's postfix: redrawn, not a log line
-                continue
-            entry = {k: v for k, sep, v in _KV.findall(seg)
-                     if sep.strip() or _norm_key(k) in _KNOWN}  # "loss 2.5": known keys only
-            if entry:
-                kvs.add(entry)
-    if not kvs.records and not kvs.evals:
-        where = (f"first line (line {first_text[0]}): {first_text[1][:160]!r}"
-                 if first_text else "the input holds only blank lines")
-        raise ReportInputError(
-            f"{source}: no training log entry found in {lineno} lines; {EXPECTED}. {where}"
-        )
-    return kvs.finish(ParsedLog(source, "key_value", lines=lineno))
-
-
-BLOCK = 1 << 22
-
-
-def _blocks(src: Path | str) -> Iterator[bytes]:
-    """Blocks of whole lines: streaming, so a huge log never sits in memory at once."""
-    if isinstance(src, str):
-        yield src.encode("utf-8", "replace")
-        return
-    with open(src, "rb") as fh:
-        while block := fh.read(BLOCK):
-            if not block.endswith(b"\n"):
-                block += fh.readline()
-            yield block
-
-
-def _lines(src: Path | str) -> Iterator[str]:
-    if isinstance(src, str):
-        yield from src.split("\n")
-        return
-    with open_text(src) as fh:
-        yield from fh
-
