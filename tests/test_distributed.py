@@ -381,7 +381,7 @@ def test_runner_fails_fast_and_kills_the_waiting_rank():
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="boom on rank 1"):
         run_distributed(_rank1_raises_while_rank0_waits, timeout=TIMEOUT)
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < TIMEOUT - 10  # failed fast, not by the hang timeout
     assert not [p for p in mp.active_children() if p.is_alive()]
 
 
