@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"lora_r": 0, "learning_rate": 3e-3, "max_steps": 60, "warmup_ratio": 0.1,
              "per_device_train_batch_size": 16, "logging_steps": 10, "eval_max_new_tokens": 3,
              "data": {"max_length": 32, "eval_size": 200}},
-    "demo": {"lora_r": 16, "learning_rate": 1e-3, "max_steps": 60, "warmup_ratio": 0.05,
+    "demo": {"lora_r": 16, "learning_rate": 1e-3, "max_steps": 80, "warmup_ratio": 0.05,
              "per_device_train_batch_size": 8, "logging_steps": 5, "eval_max_new_tokens": 4,
              "data": {"max_length": 96, "eval_size": 200}},
 }
