@@ -20,6 +20,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BUDGET_S = 180.0
+TINY_BUDGET_S = 30.0
 
 
 def main() -> None:
@@ -37,11 +38,13 @@ def main() -> None:
         ev = json.load(fh)
     before, after = ev.get("before") or {}, ev.get("after") or {}
     train_s = ev["train_seconds"]
+    tiny = "tiny" in extra  # `--model tiny`: issue 2 asks >= 90 % in under 30 s
+    budget = TINY_BUDGET_S if tiny else BUDGET_S
     table = (
         "| measure | value | target |\n|---|---|---|\n"
         f"| exact match before training | {before.get('exact_match', float('nan')):.1%} | |\n"
         f"| exact match after training | {after.get('exact_match', float('nan')):.1%} | >= 90 % |\n"
-        f"| training time / 180 s budget | {train_s / BUDGET_S:.2f} ({train_s:.0f} s, "
+        f"| training time / {budget:.0f} s budget | {train_s / budget:.2f} ({train_s:.0f} s, "
         f"{ev['global_step']} steps) | <= 1.00 |\n"
         f"| whole `finitetune train` incl. load and two evaluations | {total:.0f} s | |\n"
         f"| exit code | {code} | 0 |\n"
@@ -52,7 +55,9 @@ def main() -> None:
     if not args.no_append:
         from bench.common import append_result
 
-        append_result("Demo: SmolLM2-135M LoRA on BBC topics (issue 2)", table)
+        title = ("Tiny model on its generated task (issue 2)" if tiny
+                 else "Demo: SmolLM2-135M LoRA on BBC topics (issue 2)")
+        append_result(title, table)
 
 
 if __name__ == "__main__":
