@@ -196,8 +196,9 @@ def test_run_directory_reads_every_file(tmp_path):
     assert r.eval["after"]["exact_match"] == 0.95 and r.labels["counts"]["empty_response"] == 1
     assert any("truncated last line" in n for n in r.notes)
     # vocab 512 from the run: ln(512) + 2.5 = 8.7, so a first loss of 6.1 is plausible
-    assert r.verdict == "warning"
-    assert {f.rule: f.severity for f in r.findings} == {"fp16_skip_pattern": "warning",
+    # the NaN grad norm at step 3 is on a step the guard skipped: handled, not a warning
+    assert r.verdict == "healthy"
+    assert {f.rule: f.severity for f in r.findings} == {"fp16_skip_pattern": "info",
                                                         "labels_dropped": "info"}
     md = r.to_markdown()
     assert "- counts: empty_response: 1, all_masked: 0" in md

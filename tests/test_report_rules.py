@@ -7,6 +7,7 @@ through the console parser, and exit codes are checked through the real CLI.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -192,17 +193,45 @@ def _run(tmp_path: Path, events=(), eval_json=None, steps=4) -> Path:
 
 def test_guard_halt_is_unhealthy(tmp_path):
     run = _run(tmp_path, events=[
-        {"step": 5, "kind": "skip", "reason": "nonfinite_grad"},
-        {"step": 6, "kind": "halt", "reason": "6 consecutive non-finite steps"}])
+        {"step": 5, "kind": "guard", "action": "skip", "reason": "nonfinite_grad"},
+        {"step": 6, "kind": "guard", "action": "halt", "reason": "6 consecutive non-finite steps"}])
     r, code, _ = _judge(run)
     assert _rules(r) == {"guard_halt": "critical"} and code == 1
     assert "6 consecutive" in r.findings[0].title and r.guard["by_kind"] == {"skip": 1, "halt": 1}
 
 
 def test_guard_rollback_is_a_warning(tmp_path):
-    r, code, strict = _judge(_run(tmp_path, events=[{"step": 3, "action": "rollback",
-                                                     "reason": "spike"}]))
+    r, code, strict = _judge(_run(tmp_path, events=[{"step": 3, "kind": "guard",
+                                                     "action": "rollback", "reason": "spike"}]))
     assert _rules(r) == {"guard_rollback": "warning"} and (code, strict) == (0, 1)
+
+
+def _nan_step_run(tmp_path: Path, guarded: bool) -> Path:
+    """8 steps; step 4 has a NaN loss and grad norm. Guarded: the guard skipped it."""
+    run = tmp_path / ("guarded" if guarded else "plain")
+    run.mkdir()
+    for i in range(1, 9):
+        bad = i == 4
+        append_jsonl(run / "metrics.jsonl", {
+            "step": i, "loss": math.nan if bad else 3.0 - 0.3 * i,
+            "grad_norm": math.nan if bad else 1.0, "learning_rate": 1e-3,
+            **({"skipped": int(bad)} if guarded else {})})
+    if guarded:
+        append_jsonl(run / "events.jsonl", {"step": 4, "kind": "guard", "action": "skip",
+                                            "reason": "nonfinite_grad"})
+    return run
+
+
+def test_a_nan_step_the_guard_skipped_is_handled_not_a_warning(tmp_path):
+    plain, code, strict = _judge(_nan_step_run(tmp_path, guarded=False))
+    assert plain.verdict == "warning" and (code, strict) == (0, 1)
+    assert "nan_loss" in _rules(plain)
+    guarded, code, strict = _judge(_nan_step_run(tmp_path, guarded=True))
+    assert guarded.verdict == "healthy" and (code, strict) == (0, 0)
+    handled = [f for f in guarded.findings if f.title.startswith("Handled by the guard")]
+    assert handled and all(f.severity == "info" and f.steps == [4] for f in handled)
+    assert "fp16_skip_pattern" not in _rules(guarded) or _rules(guarded)["fp16_skip_pattern"] \
+        == "info"
 
 
 def test_accuracy_that_fell_and_nonfinite_eval_loss(tmp_path):

@@ -74,14 +74,42 @@ def _persistent(hits: list[int], among: list[int]) -> bool:
     return bool(hits) and (hits[-1] == among[-1] or len(hits) > len(among) / 2)
 
 
+# symptoms that the guard handles by not applying the step (skip, rollback, lower LR)
+_HANDLED_RULES = {"hidden_nan_loss", "nan_loss", "nonfinite_grad", "fp16_skip_pattern",
+                  "loss_scale_calibration", "zero_loss"}
+_HANDLING_ACTIONS = {"skip", "rollback", "reduce_lr"}
+
+
 def diagnose(c: Context) -> list[dict[str, Any]]:
-    """Run every rule; return the findings as dicts (see health.Finding)."""
+    """Run every rule; return the findings as dicts (see health.Finding).
+
+    In a guarded run a symptom that appears only on entries where the guard did not apply the
+    step (its events, or a metrics line with ``skipped`` > 0) was handled: it becomes ``info``
+    ("handled by the guard") instead of a warning or a wrong fp16 diagnosis. A symptom on any
+    other entry keeps its severity.
+    """
     out: list[dict[str, Any]] = []
     for rule in (_hidden_nan_loss, _nan_loss, _nonfinite_grad, _first_loss, _zero_lr,
                  _zero_loss, _zero_grad, _pinned_norm, _spikes, _trend, _guard, _eval, _labels,
                  _empty):
         out.extend(rule(c))
+    handled = _handled_steps(c)
+    for finding in out:
+        if (handled and finding["rule"] in _HANDLED_RULES and finding["steps"]
+                and set(finding["steps"]) <= handled):
+            finding["severity"] = "info"
+            finding["title"] = f"Handled by the guard: {finding['title']}"
+            finding["check"] = "the guard's events (`finitetune explain`) say what it did"
     return out
+
+
+def _handled_steps(c: Context) -> set[float]:
+    steps = {e["step"] for e in c.log.events
+             if isinstance(e.get("step"), (int, float))
+             and str(e.get("action") or "").lower() in _HANDLING_ACTIONS}
+    steps |= {r["step"] for r in c.log.records
+              if isinstance(r.get("step"), (int, float)) and (r.get("skipped") or 0) > 0}
+    return steps
 
 
 def _hidden_nan_loss(c: Context) -> list[dict[str, Any]]:
@@ -300,7 +328,8 @@ def _trend(c: Context) -> list[dict[str, Any]]:
 
 def _guard(c: Context) -> list[dict[str, Any]]:
     def kind(event: dict[str, Any]) -> str:
-        return str(event.get("kind") or event.get("action") or "").lower()
+        # finitetune's events: kind "guard", what it did under "action"
+        return str(event.get("action") or event.get("kind") or "").lower()
 
     def steps(events: list[dict[str, Any]]) -> list[float]:
         return [e["step"] for e in events if isinstance(e.get("step"), (int, float))]
@@ -362,7 +391,7 @@ def _empty(c: Context) -> list[dict[str, Any]]:
 
 def guard_summary(log: ParsedLog, skipped: list[Opt], keys: set[str]) -> dict[str, Any]:
     """Guard events by kind and reason, skipped steps, empty micro-batches, guard/* counters."""
-    kinds = Counter(str(e.get("kind") or e.get("action") or "event") for e in log.events)
+    kinds = Counter(str(e.get("action") or e.get("kind") or "event") for e in log.events)
     reasons = Counter(str(e.get("reason")) for e in log.events if e.get("reason"))
     counters = {k: next(r[k] for r in reversed(log.records) if k in r)
                 for k in sorted(keys) if k.startswith("guard/")}  # cumulative: the last value

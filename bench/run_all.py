@@ -1,0 +1,243 @@
+"""``make bench``: every benchmark, one after the other, then "Targets vs measured".
+
+    python -m bench.run_all                       # all of them, ~8 min on 2 CPU cores
+    python -m bench.run_all --only guard --only syncs
+    python -m bench.run_all --summary-only        # rebuild the summary, run nothing
+
+Each benchmark runs in its own subprocess (a fresh interpreter: no allocator or thread state
+carried from one to the next), prints its table and appends a dated section with the machine
+and versions to ``docs/benchmarks.md``. Each reports ratios measured within one run (median of
+at least 5 repetitions), because absolute times drift by ±10 % on shared machines. Sizes are
+the scripts' defaults except where noted in ``BENCHES`` (smaller inputs, same medians), so the
+whole suite stays under 10 minutes on two cores.
+
+Then the "Targets vs measured" table at the top of ``docs/benchmarks.md`` is rewritten from
+the newest section of each kind: every target beside the latest measured value. Targets live
+in ``TARGETS`` below, each with its source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fcntl
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "benchmarks.md"
+START = "<!-- targets-vs-measured:start -->"
+END = "<!-- targets-vs-measured:end -->"
+HEADER = "# Benchmarks\n\nAppended by `bench/` scripts; newest last.\n"
+
+
+@dataclass
+class Bench:
+    key: str
+    module: str
+    args: list[str]
+    why: str = ""
+
+
+BENCHES = [
+    Bench("guard", "bench.bench_guard", []),
+    Bench("syncs", "bench.bench_syncs", []),
+    Bench("labels", "bench.bench_labels", ["--n", "50000"],
+          "50k examples instead of 100k: the ratio is per example, the time halves"),
+    Bench("loss", "bench.bench_loss", []),  # default size: the README's 0.33x is stated for it
+    Bench("report", "bench.bench_report", []),
+    Bench("tiny", "bench.bench_demo", ["--model", "tiny"]),
+    Bench("demo", "bench.bench_demo", []),
+]
+
+
+@dataclass
+class Target:
+    area: str
+    measure: str
+    section: str
+    """Title of the benchmark section (without its date) that holds the value."""
+    pattern: str
+    """Regex whose first group is the value, searched in the section's body."""
+    op: str
+    bound: float
+    source: str
+    unit: str = ""
+    pick: Callable[[list[float]], float] = max
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.op == "<=" else value >= self.bound
+
+
+GUARD = "Gradient guard overhead (Trainer step)"
+SYNCS = "Gradient guard: host syncs per optimizer step"
+LABELS = "Label validation cost (issue 3)"
+LOSS = "causal_lm_loss vs transformers ForCausalLMLoss"
+REPORT = "Health report: parse of a noisy console log"
+DEMO = "Demo: SmolLM2-135M LoRA on BBC topics (issue 2)"
+TINY = "Tiny model on its generated task (issue 2)"
+
+TARGETS = [
+    Target("gradient guard", "Trainer step time, guarded / unguarded", GUARD,
+           r"\| step time guarded / unguarded[^|]*\|\s*\*\*([\d.]+)\*\*", "<=", 1.02,
+           "issue 5 (median of >= 5 interleaved runs; only meaningful on an idle machine, "
+           "DESIGN §6: whole steps drift ±10 % under load; the next row is the precise figure)"),
+    Target("gradient guard", "guard's own work / median step", GUARD,
+           r"\| guard's own work / median guarded step \|\s*([\d.]+)%", "<=", 5.0,
+           "DESIGN §6 (timed inside the step, the precise figure); 5 % proposed", "%"),
+    Target("gradient guard", "host syncs added per optimizer step (GA 1 and 4)", SYNCS,
+           r"\| gradient accumulation \d+ \|[^|]*\|[^|]*\|\s*\*\*([\d.]+)\*\*", "<=", 1.0,
+           "DESIGN §6: at most one scalar host sync"),
+    Target("label validation", "validation / tokenisation (list of dicts)", LABELS,
+           r"\| validate \(list of dicts\) / tokenise \|\s*([\d.]+)", "<=", 0.10, "issue 3"),
+    Target("label validation", "validation / tokenisation (datasets.Dataset)", LABELS,
+           r"\| validate \(datasets\.Dataset\) / tokenise \|\s*([\d.]+)", "<=", 0.10,
+           "issue 3"),
+    Target("safe loss", "peak memory, chunked / transformers' loss", LOSS,
+           r"\| finitetune chunk \d+ \|[^|]*\|\s*([\d.]+)x", "<=", 0.5,
+           "issue 4 (vocab 128k, sequence 2048, batch 1, CPU)", "x"),
+    Target("safe loss", "peak memory, unchunked / transformers' loss", LOSS,
+           r"\| finitetune \|[^|]*\|\s*([\d.]+)x", "<=", 1.0,
+           "issue 4: equal values, never more memory than transformers", "x"),
+    Target("safe loss", "time, chunked / transformers' loss", LOSS,
+           r"\| finitetune chunk \d+ \|[^|]*\|[^|]*\|[^|]*\|\s*([\d.]+)x", "<=", 1.25,
+           "issue 4 asks for the time as a ratio; 1.25 proposed", "x"),
+    Target("health report", "parse + statistics of 1,000,000 log lines", REPORT,
+           r"\| health_report\(path\)[^|]*\|\s*([\d.]+)", "<=", 5.0, "issue 9", " s"),
+    Target("demo", "exact match after training", DEMO,
+           r"\| exact match after training \|\s*([\d.]+)%", ">=", 90.0, "issue 2", "%"),
+    Target("demo", "training time / 180 s budget", DEMO,
+           r"\| training time / 180 s budget \|\s*([\d.]+)", "<=", 1.0, "issue 2"),
+    Target("tiny model", "exact match after training", TINY,
+           r"\| exact match after training \|\s*([\d.]+)%", ">=", 90.0, "issue 2", "%"),
+    Target("tiny model", "training time / 30 s budget", TINY,
+           r"\| training time / 30 s budget \|\s*([\d.]+)", "<=", 1.0, "issue 2"),
+]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def split_sections(text: str) -> list[tuple[str, str, str]]:
+    """(title, date, body) of each appended section, in file order; the summary is skipped."""
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END), "", text, flags=re.S)
+    out = []
+    for chunk in re.split(r"^## ", text, flags=re.M)[1:]:
+        head, _, body = chunk.partition("\n")
+        m = re.match(r"(.*) \((\d{4}-\d\d-\d\d [\d:]+ ?\S*)\)\s*$", head.strip())
+        title, date = (m.group(1), m.group(2)) if m else (head.strip(), "")
+        out.append((title, date, body))
+    return out
+
+
+def latest(sections: list[tuple[str, str, str]]) -> dict[str, tuple[str, str]]:
+    """Title -> (date, body) of the newest section with that title (the last one appended)."""
+    return {title: (date, body) for title, date, body in sections}
+
+
+def summary_markdown(text: str, last_run: str | None = None) -> str:
+    newest = latest(split_sections(text))
+    rows = []
+    for t in TARGETS:
+        date, body = newest.get(t.section, ("", ""))
+        values = [float(v) for v in re.findall(t.pattern, body)]
+        if values:
+            value = t.pick(values)
+            measured = f"{value:g}{t.unit}"
+            met = "yes" if t.met(value) else "**no**"
+        else:
+            measured, met, date = "not measured yet", "-", "-"
+        bound = f"{t.op} {t.bound:g}{t.unit}".replace("<=", "≤").replace(">=", "≥")
+        rows.append(f"| {t.area} | {t.measure} | {bound} | {measured} | {met} | {t.source} "
+                    f"| {date} |")
+    lines = [
+        START,
+        "## Targets vs measured",
+        "",
+        "Written by `make bench` (`python -m bench.run_all`) from the newest section of each "
+        "kind below; the targets and their sources are in `bench/run_all.py`.",
+        "",
+        "| area | measure | target | measured | met | source of the target | measured on |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    if last_run:
+        lines += ["", last_run]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(last_run: str | None = None) -> str:
+    """Insert or replace the summary block below the file's header, in place, under a lock
+    (``append_result`` appends to the same file under the same lock)."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.touch()
+    with open(RESULTS, "r+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        text = fh.read()
+        if last_run is None:  # keep the previous run line when only the table is rebuilt
+            m = re.search(r"^Last full run: .*$", text, flags=re.M)
+            last_run = m.group(0) if m else None
+        block = summary_markdown(text, last_run)
+        if START in text and END in text:
+            a, b = text.index(START), text.index(END) + len(END)
+            new = text[:a] + block.rstrip("\n") + text[b:]
+        else:
+            body = text[len(HEADER):] if text.startswith(HEADER) else text
+            new = HEADER + "\n" + block + body
+        fh.seek(0)
+        fh.write(new)
+        fh.truncate()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return block
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_one(bench: Bench) -> tuple[int, float]:
+    cmd = [sys.executable, "-m", bench.module, *bench.args]
+    print(f"\n=== {bench.key}: {' '.join(cmd[1:])}" + (f"  ({bench.why})" if bench.why else ""),
+          flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    code = subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    return code, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", action="append", choices=[b.key for b in BENCHES],
+                   help="run only this benchmark (repeatable)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="rebuild the Targets vs measured table from docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if args.summary_only:
+        print(write_summary())
+        return 0
+    chosen = [b for b in BENCHES if not args.only or b.key in args.only]
+    start = time.perf_counter()
+    results = {b.key: run_one(b) for b in chosen}
+    total = time.perf_counter() - start
+    failed = [k for k, (code, _) in results.items() if code != 0]
+    last_run = None
+    if not args.only:
+        stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        parts = ", ".join(f"{k} {s:.0f} s" + (" (FAILED)" if c else "")
+                          for k, (c, s) in results.items())
+        last_run = f"Last full run: {stamp}, {total / 60:.1f} min ({parts})."
+    print("\n" + write_summary(last_run))
+    print(f"bench: {len(chosen) - len(failed)}/{len(chosen)} benchmarks ran in "
+          f"{total / 60:.1f} min" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,402 @@
+"""The five failure scenarios of ``finitetune verify``, each run unguarded and guarded.
+
+A scenario passes only when the unguarded arm *reproduces* its failure (so the scenario is
+proven real on this machine, with these versions) **and** the guarded arm is healthy. Each one
+states its fault, how it is injected, and which checks decide "reproduced" and "fixed".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finitetune.config import GuardConfig
+from finitetune.testing import GradFault, OutputFault, assert_same_state
+from finitetune.verify.harness import BATCH, ArmResult, Check, Setup, run_arm
+
+STEPS = 20
+"""Optimizer steps per arm: enough for a fault mid-run and a visible loss trend (~0.5 s)."""
+FAULT_STEP = 7
+"""Where the transient faults strike: after the loss has started to fall."""
+
+
+@dataclass
+class ScenarioResult:
+    """One scenario: both arms and the checks that decide "reproduced" and "fixed"."""
+
+    key: str
+    title: str
+    fault: str
+    unguarded: ArmResult
+    guarded: ArmResult
+    reproduce: list[Check]
+    fix: list[Check]
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    """Scenario-specific table rows: (label, unguarded, guarded)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reproduced(self) -> bool:
+        return all(c.ok for c in self.reproduce)
+
+    @property
+    def fixed(self) -> bool:
+        return all(c.ok for c in self.fix)
+
+    @property
+    def ok(self) -> bool:
+        return self.reproduced and self.fixed
+
+
+def common_fix_checks(g: ArmResult) -> list[Check]:
+    """What every guarded arm must show: finite, learning, and a clean report."""
+    unexplained = g.unexplained_findings()
+    loss = g.stat("loss")
+    fell = (f"{loss.first:.4g} -> {loss.last:.4g}" if loss and loss.first is not None
+            else "no finite loss")
+    return [
+        Check("training finished (no halt)" if g.halted is None else f"halted: {g.halted}",
+              g.halted is None),
+        Check("final parameters finite" if g.params_finite else "final parameters NOT finite",
+              g.params_finite),
+        Check(f"loss fell ({fell})", g.loss_fell()),
+        Check(("report healthy" if g.report.verdict == "healthy" else
+               f"report {g.report.verdict} only where the guard acted") if not unexplained
+              else "report: " + "; ".join(
+            f"{f.rule} ({f.severity})" for f in unexplained), not unexplained),
+    ]
+
+
+def guard_acted(g: ArmResult, steps: set[int], actions: tuple[str, ...],
+                reasons: tuple[str, ...]) -> Check:
+    """The guard took ``actions`` for ``reasons`` on exactly ``steps`` (the fault's steps)."""
+    hits = {int(e["step"]) for e in g.events
+            if e.get("action") in actions and e.get("reason") in reasons}
+    return Check(f"guard {'/'.join(actions)} ({'/'.join(reasons)}) at step(s) "
+                 f"{_steps(hits) or 'none'} (fault at {_steps(steps)})", hits == steps)
+
+
+def _steps(steps: set[int] | list[int]) -> str:
+    return ", ".join(str(s) for s in sorted(steps))
+
+
+# --------------------------------------------------------------------------- model anatomy
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer blocks (``model.layers``, ``transformer.h``, ...)."""
+    lists = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    for name, mod in lists:
+        if name.split(".")[-1] in ("layers", "h", "blocks", "block"):
+            return mod
+    if lists:
+        return lists[0][1]
+    raise ValueError("verify: this model has no list of transformer blocks to inject into")
+
+
+def mlp_projection(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The first feed-forward up-projection: where T5/Gemma-style activations grow past 65504.
+
+    Falls back to the first feed-forward linear layer, then to any linear layer that is not
+    the output head.
+    """
+    linears = [(n, m) for n, m in model.named_modules()
+               if type(m).__name__ in ("Linear", "Conv1D") and getattr(m, "weight", None)
+               is not None and not n.endswith(("lm_head", "embed_out", "output"))]
+    for pick in (lambda n: n.endswith("up_proj"), lambda n: any(
+            k in n for k in ("mlp", "ffn", "fc", "feed_forward")), lambda n: True):
+        for name, mod in linears:
+            if pick(name):
+                return name, mod
+    raise ValueError("verify: this model has no linear layer to inject into")
+
+
+# --------------------------------------------------------------------------- 1. labels
+
+
+def all_masked(setup: Setup, root: Path) -> ScenarioResult:
+    """Three consecutive batches whose every label is -100 (a template whose response marker
+    was not found, a truncation that cut every response of a shard).
+
+    Unguarded, the model's loss is 0/0 = NaN there with a gradient norm of exactly 0; the
+    logging filter prints loss 0.0. Guarded, the safe loss counts those batches as empty (an
+    exact 0 with 0 tokens, never NaN) and the guard skips them as ``no_valid_tokens``, so
+    AdamW does not step on momentum alone. (``finitetune train`` would not even get there:
+    label validation drops such rows first; here they are kept to show the runtime defence.)
+    """
+    from finitetune.data.labels import validate_labels
+
+    bad = {6, 7, 8}
+    rows = setup.take(STEPS * BATCH)
+    for s in bad:
+        for i in range((s - 1) * BATCH, s * BATCH):
+            rows[i]["labels"] = [-100] * len(rows[i]["labels"])
+    labels = validate_labels(rows, vocab_size=setup.vocab_size,
+                             eos_token_id=setup.tokenizer.eos_token_id)
+    u = run_arm(setup, root / "unguarded", "unguarded", rows, STEPS)
+    g = run_arm(setup, root / "guarded", "guarded", rows, STEPS, guard=GuardConfig())
+    loss_u = u.stat("loss")
+    reproduce = [
+        Check(f"model's loss non-finite at step(s) {_steps(u.true_loss_nonfinite) or 'none'}",
+              bad <= set(u.true_loss_nonfinite)),
+        Check(f"logged as loss 0.0 on {loss_u.zero if loss_u else 0} entries; report: "
+              + (", ".join(f.rule for f in u.findings()) or "healthy"),
+              u.has_finding("zero_loss", "hidden_nan_loss", "nan_loss")),
+    ]
+    fix = [guard_acted(g, bad, ("skip",), ("no_valid_tokens",)),
+           Check(f"no NaN loss (non-finite at {_steps(g.true_loss_nonfinite) or 'none'})",
+                 not g.true_loss_nonfinite), *common_fix_checks(g)]
+    empty = g.report.guard.get("empty_microbatches")
+    rows_table = [("empty micro-batches counted", "-", f"{empty:g}" if empty is not None else "-")]
+    notes = [f"label validation of these rows (what `finitetune check` and `finitetune train` "
+             f"run first): {labels.counts.get('all_masked', 0)} of {labels.total} rows "
+             "all_masked"]
+    return ScenarioResult("all_masked", "all labels masked in some batches",
+                          f"steps {_steps(bad)}: every label of the batch is -100",
+                          u, g, reproduce, fix, rows_table, notes)
+
+
+# --------------------------------------------------------------------------- 2. hidden NaN
+
+
+def hidden_nan(setup: Setup, root: Path) -> ScenarioResult:
+    """One corrupt forward at step 7: NaN written into the first transformer block's output
+    (as a bad batch, a flaky kernel or an overflow would leave it).
+
+    Unguarded, the loss is NaN, clipping with the NaN norm turns every gradient into NaN, one
+    AdamW step makes every weight NaN, and from then on every step logs loss 0.0 with
+    grad_norm NaN: the seed's "before" picture, which the report diagnoses as a hidden NaN
+    loss. Guarded, that step is skipped (parameters and optimizer state untouched) and
+    training goes on.
+    """
+    def fault(model: Any) -> list[Any]:
+        return [OutputFault(decoder_layers(model)[0], float("nan"), at={FAULT_STEP})]
+
+    u = run_arm(setup, root / "unguarded", "unguarded", setup.take(STEPS * BATCH), STEPS,
+                inject=fault)
+    g = run_arm(setup, root / "guarded", "guarded", setup.take(STEPS * BATCH), STEPS,
+                guard=GuardConfig(), inject=fault)
+    hidden = [f for f in u.findings() if f.rule == "hidden_nan_loss"]
+    reproduce = [
+        Check("report: " + (hidden[0].title if hidden else "no hidden NaN loss found"),
+              bool(hidden)),
+        Check("final parameters NaN" if not u.params_finite else "final parameters finite",
+              not u.params_finite),
+    ]
+    fix = [guard_acted(g, {FAULT_STEP}, ("skip",), ("nonfinite_grad", "nonfinite_loss")),
+           *common_fix_checks(g)]
+    return ScenarioResult("hidden_nan", "a NaN loss hidden by the logging filter",
+                          f"step {FAULT_STEP}: NaN in the first block's output (one forward)",
+                          u, g, reproduce, fix)
+
+
+# --------------------------------------------------------------------------- 3. inf grad
+
+
+def inf_grad(setup: Setup, root: Path) -> ScenarioResult:
+    """+inf written into one element of a feed-forward weight's gradient at step 7.
+
+    Unguarded, the total norm is inf, clipping multiplies that gradient by 0 (inf x 0 = NaN),
+    and the weights go NaN. Guarded, the step is skipped, and the final state is compared
+    bit for bit (``torch.equal`` on every parameter, optimizer moment and step count, and the
+    scheduler) with a control run that simply never saw that batch: the skip leaves no trace.
+    """
+    name, _module = mlp_projection(setup.model)
+    param = f"{name}.weight"
+
+    def fault(model: Any) -> list[Any]:
+        return [GradFault(model, param, float("inf"), at={FAULT_STEP})]
+
+    rows = setup.take(STEPS * BATCH)
+    u = run_arm(setup, root / "unguarded", "unguarded", rows, STEPS, inject=fault)
+    g = run_arm(setup, root / "guarded", "guarded", rows, STEPS, guard=GuardConfig(),
+                inject=fault)
+    skip = range((FAULT_STEP - 1) * BATCH, FAULT_STEP * BATCH)
+    control_rows = [r for i, r in enumerate(rows) if i not in skip]
+    c = run_arm(setup, root / "control", "control", control_rows, STEPS - 1, safe_loss=True)
+    same, why = _same_state(g.trainer, c.trainer)
+    grad_u = u.stat("grad_norm")
+    reproduce = [
+        Check(f"grad_norm non-finite on {grad_u.nan + grad_u.inf if grad_u else 0} logged "
+              f"entries", bool(grad_u and grad_u.nan + grad_u.inf > 0)),
+        Check("final parameters NaN" if not u.params_finite else "final parameters finite",
+              not u.params_finite),
+    ]
+    fix = [guard_acted(g, {FAULT_STEP}, ("skip",), ("nonfinite_grad",)),
+           Check("final state bit-identical to the control run without that batch"
+                 + ("" if same else f" (NOT: {why})"), same),
+           *common_fix_checks(g)]
+    rows_table = [("equals control run (torch.equal)", "-", "yes" if same else "no")]
+    return ScenarioResult("inf_grad", "inf injected into a gradient",
+                          f"step {FAULT_STEP}: +inf in one element of {param}.grad",
+                          u, g, reproduce, fix, rows_table,
+                          [f"control run: the same Trainer and loss on the data without step "
+                           f"{FAULT_STEP}'s batch, {STEPS - 1} steps ({c.directory})"])
+
+
+def _same_state(a: Any, b: Any) -> tuple[bool, str]:
+    try:
+        assert_same_state(a.model, b.model, a.optimizer, b.optimizer, a.lr_scheduler,
+                          b.lr_scheduler)
+    except AssertionError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+# --------------------------------------------------------------------------- 4. fp16 overflow
+
+OVERFLOW_SCALE = 2.0**24
+"""How much larger the feed-forward activation is made (a power of two: exact in fp32/bf16)."""
+FP16_MAX = 65504.0
+
+
+class ReducedPrecision:
+    """Simulates autocast's rounding on a CPU, where fp16 training does not exist.
+
+    Every linear layer's output is rounded to ``dtype`` (what fp16/bf16 matmuls return), and
+    the ``hot`` layer's output is computed ``OVERFLOW_SCALE`` times larger and scaled back, as
+    in models whose feed-forward activations pass 65504 (T5, Gemma). In fp32 and bf16 the
+    scaling is exact, so training is unchanged; in fp16 the large activation rounds to inf.
+    """
+
+    def __init__(self, model: torch.nn.Module, hot: str, dtype: torch.dtype | None) -> None:
+        self.dtype = dtype
+        self.max_abs = 0.0
+        self._peak: list[torch.Tensor] = []
+        self._handles = []
+        for name, mod in model.named_modules():
+            if type(mod).__name__ not in ("Linear", "Conv1D"):
+                continue
+            if name == hot:
+                self._handles.append(mod.register_forward_hook(self._hot))
+            elif dtype is not None:
+                self._handles.append(mod.register_forward_hook(self._round))
+
+    def _round(self, module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out.to(self.dtype).to(out.dtype)
+
+    def _hot(self, module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        big = out * OVERFLOW_SCALE
+        if module.training and len(self._peak) < 4:
+            self._peak.append(big.detach().abs().amax())
+        if self.dtype is not None:
+            big = big.to(self.dtype).to(out.dtype)
+        return big / OVERFLOW_SCALE
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._peak:
+            self.max_abs = float(torch.stack(self._peak).max())  # read once, at the end
+
+
+def fp16_overflow(setup: Setup, root: Path) -> ScenarioResult:
+    """A feed-forward activation beyond fp16's 65504, trained in (simulated) fp16.
+
+    Unguarded: the user's ``fp16=True``, simulated by rounding linear outputs to fp16 (the
+    CPU has no fp16 training: the Trainer would silently use fp32): the activation is inf, the
+    loss NaN from the first step, the weights NaN after it. Guarded: the precision policy
+    (:func:`finitetune.choose_precision` for this device) picks the dtype, and the same
+    simulation rounds to that dtype instead; the guard stays on as the backstop.
+    """
+    from finitetune.precision import choose_precision
+
+    hot, _module = mlp_projection(setup.model)
+    plan = choose_precision(setup.model, device="cpu", requested="auto")
+    compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.dtype)
+    sims: dict[str, ReducedPrecision] = {}
+
+    def simulate(role: str, dtype: torch.dtype | None) -> Callable[[Any], list[Any]]:
+        def install(model: Any) -> list[Any]:
+            sims[role] = ReducedPrecision(model, hot, dtype)
+            return [sims[role]]
+        return install
+
+    rows = setup.take(STEPS * BATCH)
+    u = run_arm(setup, root / "unguarded", "unguarded", rows, STEPS,
+                inject=simulate("unguarded", torch.float16))
+    g = run_arm(setup, root / "guarded", "guarded", rows, STEPS, guard=GuardConfig(),
+                inject=simulate("guarded", compute))
+    peak = sims["guarded"].max_abs
+    reproduce = [
+        Check("report: " + (", ".join(f.rule for f in u.findings()) or "healthy"),
+              u.has_finding("hidden_nan_loss", "nan_loss", "nonfinite_grad")),
+        Check("final parameters NaN" if not u.params_finite else "final parameters finite",
+              not u.params_finite),
+    ]
+    fix = [Check(f"precision plan: {plan.dtype}, not fp16", plan.dtype != "fp16"),
+           Check(f"the activation really passes fp16's max in the guarded run too "
+                 f"(|x| up to {peak:.3g} > {FP16_MAX:g})", peak > FP16_MAX),
+           *common_fix_checks(g)]
+    rows_table = [("precision", "fp16 (simulated rounding)",
+                   f"{plan.dtype} (choose_precision)"),
+                  (f"max |activation| of {hot}", "inf in fp16", f"{peak:.3g}")]
+    notes = [f"precision plan for this machine: {plan}"]
+    return ScenarioResult("fp16_overflow", "an activation overflow in reduced precision",
+                          f"{hot} output x{OVERFLOW_SCALE:.0f} (|x| > 65504), rounded to the "
+                          "compute dtype", u, g, reproduce, fix, rows_table, notes)
+
+
+# --------------------------------------------------------------------------- 5. LR
+
+
+DIVERGENT_LR = 1.0
+WARMUP = 10
+LR_STEPS = 30
+
+
+def lr_divergence(setup: Setup, root: Path) -> ScenarioResult:
+    """A peak learning rate of 1.0 (300x the healthy one), reached by a 10-step warm-up.
+
+    The loss first falls while the LR is small, then explodes once it is large. Unguarded, it
+    never recovers within the run. Guarded with ``policy="rollback", spike_action="rollback"``,
+    the spike detector (warmed up on the first good steps) catches the jump, restores the last
+    good state and multiplies the LR by ``lr_backoff=0.03`` (to 10x the healthy LR); the loss
+    then falls well below where it started. (With a milder back-off, e.g. 0.1, the LR stays
+    high enough for the loss to wander and the report rightly says it is not decreasing.)
+    """
+    cfg = GuardConfig(policy="rollback", spike_action="rollback", spike_warmup=4,
+                      lr_backoff=0.03)
+    kw = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup", warmup_steps=WARMUP)
+    rows = setup.take(LR_STEPS * BATCH)
+    u = run_arm(setup, root / "unguarded", "unguarded", rows, LR_STEPS, **kw)
+    g = run_arm(setup, root / "guarded", "guarded", rows, LR_STEPS, guard=cfg, **kw)
+    loss_u = u.stat("loss")
+    exploded = bool(loss_u and loss_u.first and (
+        loss_u.nan + loss_u.inf > 0 or (loss_u.max or 0) > 2 * loss_u.first))
+    backoffs = [e for e in g.events if e.get("action") in ("rollback", "reduce_lr")]
+    scale = g.report.guard.get("counters", {}).get("guard/lr_scale", 1.0)
+    reproduce = [
+        Check(f"loss exploded (max {_num(loss_u.max if loss_u else None)} vs first "
+              f"{_num(loss_u.first if loss_u else None)})", exploded),
+        Check("report: " + (", ".join(f.rule for f in u.findings()) or "healthy"),
+              u.has_finding("loss_not_decreasing", "nan_loss", "hidden_nan_loss")),
+    ]
+    fix = [Check(f"guard backed off the LR {len(backoffs)} time(s) (LR x{scale:g}) at step(s) "
+                 f"{_steps([int(e['step']) for e in backoffs]) or 'none'}", bool(backoffs)),
+           *common_fix_checks(g)]
+    rows_table = [("LR scale at the end", "1", f"{scale:g}")]
+    return ScenarioResult("lr_divergence", "a learning rate that diverges",
+                          f"peak LR {DIVERGENT_LR:g} after {WARMUP} warm-up steps "
+                          f"({LR_STEPS} steps)", u, g, reproduce, fix, rows_table)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+SCENARIOS: dict[str, Callable[[Setup, Path], ScenarioResult]] = {
+    "all_masked": all_masked,
+    "hidden_nan": hidden_nan,
+    "inf_grad": inf_grad,
+    "fp16_overflow": fp16_overflow,
+    "lr_divergence": lr_divergence,
+}
+"""Run order of ``finitetune verify``; ``--scenario KEY`` picks some."""
