@@ -28,3 +28,15 @@ def tiny_model_dir(_isolated_cache):
     from finitetune.models import resolve_model
 
     return resolve_model("tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models: faster, and immune to other jobs on a shared 2-core
+    machine (fused AdamW's parallel region costs ~0.1 s per step when cores are oversubscribed)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -26,12 +26,7 @@ from finitetune.testing import GradFault, OutputFault
 VOCAB, SEQ, HID, BS = 64, 8, 32, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(layers: int = 2) -> LlamaForCausalLM:

@@ -34,14 +34,7 @@ UP = "model.layers.0.mlp.up_proj.weight"
 NORM = "model.layers.0.input_layernorm.weight"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and immune to other jobs on a shared 2-core machine
-    # (fused AdamW's parallel region costs ~0.1 s per step when the cores are oversubscribed).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(layers: int = 1, seed: int = 0) -> LlamaForCausalLM:

@@ -25,13 +25,7 @@ UP = "model.layers.0.mlp.up_proj.weight"
 NORM = "model.layers.0.post_attention_layernorm.weight"  # in the no-weight-decay group
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and immune to other jobs on a shared 2-core machine.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama() -> LlamaForCausalLM:

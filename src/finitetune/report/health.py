@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,7 +207,7 @@ def analyse(log: ParsedLog, vocab_size: int | None = None,
     return HealthReport(
         source=log.source, kind=log.kind, verdict=verdict, findings=findings, metrics=metrics,
         trend=trend, learning_rate=lr_summary(steps, cols["learning_rate"]),
-        guard=rules.guard_summary(log, cols["skipped"], keys), eval=log.eval, labels=log.labels,
+        guard=guard_summary(log, cols["skipped"], keys), eval=log.eval, labels=log.labels,
         summary=log.summary, vocab=vocab_info, notes=notes,
         conclusion=_conclusion(verdict, findings, trend, learns, len(log.records)),
         learns=learns, series={"step": steps, **cols},
@@ -308,3 +309,21 @@ def _conclusion(verdict: str, findings: list[Finding], trend: Trend, learns: boo
     if verdict == "warning":
         text += " Warnings: " + "; ".join(worst) + "."
     return text
+
+
+def _is_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def guard_summary(log: ParsedLog, skipped: list[float | None], keys: set[str]) -> dict[str, Any]:
+    """Guard events by kind and reason, skipped steps, empty micro-batches, guard/* counters."""
+    kinds = Counter(str(e.get("action") or e.get("kind") or "event") for e in log.events)
+    reasons = Counter(str(e.get("reason")) for e in log.events if e.get("reason"))
+    counters = {k: next(r[k] for r in reversed(log.records) if k in r)
+                for k in sorted(keys) if k.startswith("guard/")}  # cumulative: the last value
+    empty = [r["empty_microbatches"] for r in log.records if _is_finite(r.get("empty_microbatches"))]
+    return {
+        "events": len(log.events), "by_kind": dict(kinds), "by_reason": dict(reasons),
+        "skipped_entries": sum(1 for v in skipped if v), "counters": counters,
+        "empty_microbatches": sum(empty) if empty else None,
+    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,17 +386,3 @@ def _empty(c: Context) -> list[dict[str, Any]]:
     if not c.steps:
         return [_f("no_steps", "warning", "No training step was logged")]
     return []
-
-
-def guard_summary(log: ParsedLog, skipped: list[Opt], keys: set[str]) -> dict[str, Any]:
-    """Guard events by kind and reason, skipped steps, empty micro-batches, guard/* counters."""
-    kinds = Counter(str(e.get("action") or e.get("kind") or "event") for e in log.events)
-    reasons = Counter(str(e.get("reason")) for e in log.events if e.get("reason"))
-    counters = {k: next(r[k] for r in reversed(log.records) if k in r)
-                for k in sorted(keys) if k.startswith("guard/")}  # cumulative: the last value
-    empty = [r["empty_microbatches"] for r in log.records if _finite(r.get("empty_microbatches"))]
-    return {
-        "events": len(log.events), "by_kind": dict(kinds), "by_reason": dict(reasons),
-        "skipped_entries": sum(1 for v in skipped if v), "counters": counters,
-        "empty_microbatches": sum(empty) if empty else None,
-    }

@@ -323,3 +323,32 @@ def prepare_setup(model: str = "tiny", data: str | None = None, rows_needed: int
     threads = 1 if n_params < 5_000_000 else (os.cpu_count() or 1)
     return Setup(model_name=model, model=base, tokenizer=tokenizer, rows=rows, task=task,
                  threads=threads)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer blocks (``model.layers``, ``transformer.h``, ...)."""
+    lists = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    for name, mod in lists:
+        if name.split(".")[-1] in ("layers", "h", "blocks", "block"):
+            return mod
+    if lists:
+        return lists[0][1]
+    raise ValueError("verify: this model has no list of transformer blocks to inject into")
+
+
+def mlp_projection(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The first feed-forward up-projection: where T5/Gemma-style activations grow past 65504.
+
+    Falls back to the first feed-forward linear layer, then to any linear layer that is not
+    the output head.
+    """
+    linears = [(n, m) for n, m in model.named_modules()
+               if type(m).__name__ in ("Linear", "Conv1D") and getattr(m, "weight", None)
+               is not None and not n.endswith(("lm_head", "embed_out", "output"))]
+    for pick in (lambda n: n.endswith("up_proj"), lambda n: any(
+            k in n for k in ("mlp", "ffn", "fc", "feed_forward")), lambda n: True):
+        for name, mod in linears:
+            if pick(name):
+                return name, mod
+    raise ValueError("verify: this model has no linear layer to inject into")
