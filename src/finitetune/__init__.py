@@ -7,8 +7,7 @@ model) does not pay for importing torch and transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from finitetune._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -31,13 +30,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'finitetune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # cache: later look-ups skip __getattr__
-    return value
+__getattr__ = lazy_getattr("finitetune", _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

@@ -8,8 +8,7 @@ imported without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from finitetune._lazy import lazy_getattr
 
 _EXPORTS = {
     "Guard": "finitetune.guard.guard",
@@ -23,8 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'finitetune.guard' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr("finitetune.guard", _EXPORTS, globals())
