@@ -1,7 +1,11 @@
 """Summed cross-entropy over row chunks: large vocabularies without (tokens, vocab) fp32 copies.
 
-``causal_lm_loss(..., chunk_size=N)`` uses it instead of one fused ``F.cross_entropy`` call,
-which holds several (tokens, vocab) fp32 tensors (the upcast logits, the softmax for backward).
+``causal_lm_loss(..., chunk_size=N)`` uses :class:`ChunkedCrossEntropy` instead of one fused
+``F.cross_entropy`` call, which holds several (tokens, vocab) fp32 tensors (the upcast logits,
+the softmax for backward). The two per-chunk steps, :func:`chunk_logsumexp` (forward) and
+:func:`softmax_grad_` (backward), are shared with the LM-head loss of
+:mod:`finitetune.chunked_head`, which makes its logits chunk by chunk from hidden states.
+
 Same masking rules as the rest of the loss: masked rows are dropped with ``torch.where`` /
 ``masked_fill``, never multiplied by 0 (NaN x 0 = NaN), and nothing is read on the host (the
 loops run over shapes only).
@@ -14,7 +18,39 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ChunkedCrossEntropy"]
+__all__ = ["ChunkedCrossEntropy", "chunk_logsumexp", "softmax_grad_"]
+
+
+def chunk_logsumexp(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp of ``x`` (rows, V), computed in ``work`` (same shape, compute dtype).
+
+    ``work`` is overwritten (it ends up holding ``exp(x - max)``); ``x`` may be ``work`` itself.
+    An infinite row maximum is handled as ``torch.logsumexp`` does (all -inf -> -inf, any +inf
+    -> inf), not as inf - inf = NaN.
+    """
+    m = x.amax(dim=-1, keepdim=True).to(work.dtype)
+    m = torch.where(m.isinf(), 0.0, m)
+    torch.sub(x, m, out=work)
+    return work.exp_().sum(dim=-1).log_().add_(m.squeeze(1))
+
+
+def softmax_grad_(
+    x: torch.Tensor, work: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
+    z_loss: float, scale: torch.Tensor, minus_one: torch.Tensor,
+) -> torch.Tensor:
+    """Write d(summed CE + z-loss)/d(logits) x ``scale`` for the rows of ``x`` into ``work``.
+
+    ``lse``: the rows' logsumexp from the forward pass, shape (rows,); ``minus_one``: a
+    (>= rows, 1) tensor of -1 in ``work``'s dtype (the one-hot part, reused across chunks);
+    ``scale``: the incoming gradient as a device tensor (no sync). ``x`` may be ``work``.
+    """
+    rows = work.shape[0]
+    chunk_lse = lse[:, None]
+    torch.sub(x, chunk_lse, out=work).exp_()  # softmax
+    if z_loss:  # d(z * lse^2)/dx = 2 z lse softmax
+        work.mul_(1.0 + 2.0 * z_loss * chunk_lse)
+    work.scatter_add_(1, targets[:, None], minus_one[:rows])
+    return work.mul_(scale)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -38,13 +74,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         buf = torch.empty(min(chunk_size, n), vocab, dtype=compute_dtype, device=logits.device)
         for start in range(0, n, chunk_size):  # host loop over shapes only, no sync
             end = min(start + chunk_size, n)
-            x, work = logits[start:end], buf[: end - start]
-            # logsumexp by hand in the reused buffer; an infinite max is handled as
-            # torch.logsumexp does (all -inf -> -inf, any +inf -> inf), not as inf - inf = NaN.
-            m = x.amax(dim=-1, keepdim=True).to(compute_dtype)
-            m = torch.where(m.isinf(), 0.0, m)
-            torch.sub(x, m, out=work)
-            chunk_lse = work.exp_().sum(dim=-1).log_().add_(m.squeeze(1))
+            x = logits[start:end]
+            chunk_lse = chunk_logsumexp(x, buf[: end - start])
             picked = x.gather(1, targets[start:end, None]).squeeze(1).to(compute_dtype)
             token_loss = chunk_lse - picked
             if z_loss:
@@ -69,12 +100,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
             work = grad[start:end] if direct else buf[: end - start]
-            chunk_lse = lse[start:end, None]
-            torch.sub(logits[start:end], chunk_lse, out=work).exp_()  # softmax
-            if ctx.z_loss:  # d(z * lse^2)/dx = 2 z lse softmax
-                work.mul_(1.0 + 2.0 * ctx.z_loss * chunk_lse)
-            work.scatter_add_(1, targets[start:end, None], minus_one[: end - start])
-            work.mul_(scale)
+            softmax_grad_(logits[start:end], work, lse[start:end], targets[start:end],
+                          ctx.z_loss, scale, minus_one)
             work.masked_fill_(~valid[start:end, None], 0.0)  # exact zeros, even where NaN
             if not direct:
                 grad[start:end].copy_(work)

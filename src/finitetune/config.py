@@ -56,6 +56,20 @@ class SpikeAction(str, Enum):
     """Stop training."""
 
 
+class LossPath(str, Enum):
+    """How ``finitetune train`` computes the training loss (always the safe loss: fp32,
+    token-mean over the window, 0 and never NaN when nothing is supervised)."""
+
+    AUTO = "auto"
+    """The LM head only at supervised positions where the model is understood, else ``full``
+    (one line at start-up says which, and why)."""
+    SUPERVISED = "supervised"
+    """The LM head only at supervised positions; stop with an error if the model is not
+    understood."""
+    FULL = "full"
+    """The model computes logits at every position; the loss reads them (the previous path)."""
+
+
 @dataclass
 class GuardConfig:
     """Settings of :class:`finitetune.Guard` and :class:`finitetune.GuardCallback`.
@@ -315,6 +329,13 @@ class TrainConfig:
 
     eval_batch_size: int = 32
     """Examples per generation batch in evaluation."""
+
+    loss: LossPath | str = LossPath.AUTO
+    """``auto``, ``supervised`` or ``full``: where the LM head runs in training (see
+    :class:`LossPath`). Same loss value either way; ``auto`` is faster and leaner."""
+
+    def __post_init__(self) -> None:
+        self.loss = _enum(LossPath, self.loss, "loss")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -23,9 +23,16 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from finitetune._lazy import lazy_getattr
 from finitetune.chunked_cross_entropy import ChunkedCrossEntropy
 
 __all__ = ["LossParts", "LossWindow", "SafeCausalLMLoss", "causal_lm_loss", "causal_lm_loss_parts"]
+
+# ``causal_lm_loss_from_hidden`` (the LM head only at supervised positions) is importable from
+# here too; it lives in finitetune.loss_hidden (which builds on this module), resolved on use.
+__getattr__ = lazy_getattr(
+    "finitetune.loss", {"causal_lm_loss_from_hidden": "finitetune.loss_hidden",
+                        "causal_lm_loss_from_hidden_parts": "finitetune.loss_hidden"}, globals())
 
 
 class LossParts(NamedTuple):

@@ -239,8 +239,8 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     from finitetune.guard import distributed
     from finitetune.guard.attribution import Attributor
     from finitetune.integrations.hf import GuardCallback
+    from finitetune.integrations.hidden_loss import choose_loss
     from finitetune.integrations.metrics import MetricsCallback
-    from finitetune.loss import SafeCausalLMLoss
     from finitetune.precision import choose_precision
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
@@ -264,7 +264,10 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         print(f"finitetune: precision: {plan}", flush=True)
         write_json_atomic(out / "precision.json", plan.to_dict())
     steps = planned_steps(cfg, len(rows))
-    loss = SafeCausalLMLoss()  # fp32, token-mean over the window; 0 tokens -> 0, not NaN
+    # fp32, token-mean over the window; 0 tokens -> 0, not NaN; the head only where supervised
+    loss, loss_line = choose_loss(model, cfg.loss)
+    if main:
+        print(f"finitetune: loss: {loss_line}", flush=True)
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out, steps, plan),
