@@ -2,8 +2,8 @@
 
 ``causal_lm_loss(..., chunk_size=N)`` uses :class:`ChunkedCrossEntropy` instead of one fused
 ``F.cross_entropy`` call, which holds several (tokens, vocab) fp32 tensors (the upcast logits,
-the softmax for backward). The two per-chunk steps, :func:`chunk_logsumexp` (forward) and
-:func:`softmax_grad_` (backward), are shared with the LM-head loss of
+the softmax for backward). The two per-chunk steps, :func:`chunk_logsumexp` and
+:func:`ce_grad_`, are shared with the LM-head loss of
 :mod:`finitetune.chunked_head`, which makes its logits chunk by chunk from hidden states.
 
 Same masking rules as the rest of the loss: masked rows are dropped with ``torch.where`` /
@@ -18,39 +18,44 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ChunkedCrossEntropy", "chunk_logsumexp", "softmax_grad_"]
+__all__ = ["ChunkedCrossEntropy", "ce_grad_", "chunk_logsumexp"]
 
 
-def chunk_logsumexp(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+def chunk_logsumexp(x: torch.Tensor, work: torch.Tensor, *, softmax: bool = False) -> torch.Tensor:
     """Row-wise logsumexp of ``x`` (rows, V), computed in ``work`` (same shape, compute dtype).
 
-    ``work`` is overwritten (it ends up holding ``exp(x - max)``); ``x`` may be ``work`` itself.
-    An infinite row maximum is handled as ``torch.logsumexp`` does (all -inf -> -inf, any +inf
-    -> inf), not as inf - inf = NaN.
+    ``work`` is overwritten: it ends up holding ``exp(x - max)``, or with ``softmax=True`` the
+    row softmax of ``x`` (one division, instead of a second ``exp`` pass later). ``x`` may be
+    ``work`` itself. An infinite row maximum is handled as ``torch.logsumexp`` does (all -inf ->
+    -inf, any +inf -> inf), not as inf - inf = NaN.
     """
     m = x.amax(dim=-1, keepdim=True).to(work.dtype)
     m = torch.where(m.isinf(), 0.0, m)
     torch.sub(x, m, out=work)
-    return work.exp_().sum(dim=-1).log_().add_(m.squeeze(1))
+    total = work.exp_().sum(dim=-1, keepdim=True)
+    lse = total.log().add_(m).squeeze(1)
+    if softmax:
+        work.div_(total)
+    return lse
 
 
-def softmax_grad_(
-    x: torch.Tensor, work: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
-    z_loss: float, scale: torch.Tensor, minus_one: torch.Tensor,
+def ce_grad_(
+    probs: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, z_loss: float,
+    scale: torch.Tensor | float, minus_one: torch.Tensor,
 ) -> torch.Tensor:
-    """Write d(summed CE + z-loss)/d(logits) x ``scale`` for the rows of ``x`` into ``work``.
+    """Turn the softmax ``probs`` (rows, V) in place into d(summed CE + z-loss)/d(logits) x
+    ``scale``.
 
-    ``lse``: the rows' logsumexp from the forward pass, shape (rows,); ``minus_one``: a
-    (>= rows, 1) tensor of -1 in ``work``'s dtype (the one-hot part, reused across chunks);
-    ``scale``: the incoming gradient as a device tensor (no sync). ``x`` may be ``work``.
+    ``lse``: the rows' logsumexp, shape (rows,); ``minus_one``: a (>= rows, 1) tensor of -1 in
+    ``probs``' dtype (the one-hot part, reused across chunks); ``scale``: the incoming gradient
+    (a device tensor: no sync) or a constant.
     """
-    rows = work.shape[0]
-    chunk_lse = lse[:, None]
-    torch.sub(x, chunk_lse, out=work).exp_()  # softmax
     if z_loss:  # d(z * lse^2)/dx = 2 z lse softmax
-        work.mul_(1.0 + 2.0 * z_loss * chunk_lse)
-    work.scatter_add_(1, targets[:, None], minus_one[:rows])
-    return work.mul_(scale)
+        probs.mul_(1.0 + 2.0 * z_loss * lse[:, None])
+    probs.scatter_add_(1, targets[:, None], minus_one[: probs.shape[0]])
+    if not (isinstance(scale, float) and scale == 1.0):
+        probs.mul_(scale)
+    return probs
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -100,8 +105,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
             work = grad[start:end] if direct else buf[: end - start]
-            softmax_grad_(logits[start:end], work, lse[start:end], targets[start:end],
-                          ctx.z_loss, scale, minus_one)
+            torch.sub(logits[start:end], lse[start:end, None], out=work).exp_()  # softmax
+            ce_grad_(work, lse[start:end], targets[start:end], ctx.z_loss, scale, minus_one)
             work.masked_fill_(~valid[start:end, None], 0.0)  # exact zeros, even where NaN
             if not direct:
                 grad[start:end].copy_(work)

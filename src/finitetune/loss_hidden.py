@@ -161,9 +161,12 @@ def causal_lm_loss_from_hidden_parts(
     index = valid.nonzero().squeeze(1)
     rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, index)
     u, b_low = _low_rank_input(rows, head)
+    grad_on = torch.is_grad_enabled()  # gradients are made in forward: only if wanted
+    want = tuple(grad_on and t is not None and t.requires_grad
+                 for t in (rows, head.weight, head.bias, u, b_low))
     loss_sum = ChunkedHeadCrossEntropy.apply(
         rows, flat.index_select(0, index), head.weight, head.bias, u, b_low, scale, softcap,
-        z_loss, chunk_size,
+        z_loss, chunk_size, want,
     )
     loss = loss_sum / _denominator(num_items_in_batch, num_tokens, loss_sum.device)
     return LossParts(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens)
