@@ -16,7 +16,9 @@ Two Trainers (each with its own copy of the model) in one process, run alternate
 first (``on_step_begin`` -> ``on_step_end``), and the figure the median over runs. Each run
 restarts from step 0 with the same seed, so both variants see the same batches. Reports the
 ratio; absolute step times drift on shared machines. One torch thread by default (as
-``bench_guard``: a second thread fights other jobs on these 2-core machines).
+``bench_guard``: a second thread fights other jobs on these 2-core machines). The part of the
+step the change can touch is also timed alone, precisely (head + loss, forward and backward, on
+one of the demo's batches): it bounds the whole-step ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -87,16 +90,57 @@ def _build(args: argparse.Namespace) -> tuple[dict, dict, dict]:
         timer = _StepTimer()
         targs = training_arguments(cfg, os.path.join(out, name), args.steps, plan)
         targs.save_strategy = "no"
+        info["collator"] = CausalLMCollator(tokenizer.pad_token_id)
         trainers[name] = Trainer(
             model=model, args=targs, train_dataset=rows,
             data_collator=CausalLMCollator(tokenizer.pad_token_id),
             compute_loss_func=loss, callbacks=[timer.callback, GuardCallback(cfg.guard)])
         timers[name] = timer
         info["precision"] = str(plan)
+    info["rows"] = rows
     sup = [sum(t != -100 for t in r["labels"][1:]) for r in rows]
     info["supervised"] = sum(sup) / sum(len(r["labels"]) for r in rows)
     info["tokens"] = statistics.mean(len(r["labels"]) for r in rows)
     return trainers, timers, info
+
+
+def _head_and_loss(trainer: Any, info: dict, reps: int) -> dict[str, float]:
+    """Median time of the head + loss alone, forward and backward, old vs new, on one of the
+    demo's batches (its real final hidden states, as a leaf), under the run's autocast."""
+    import torch
+
+    from finitetune.integrations.hidden_loss import autocast_head
+    from finitetune.integrations.lm_head import head_spec, unwrap
+    from finitetune.loss import SafeCausalLMLoss, causal_lm_loss_from_hidden
+
+    core = unwrap(trainer.model)
+    batch = info["collator"](info["rows"][:8])
+    amp = torch.bfloat16 if trainer.args.bf16 else None
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None)
+    with torch.no_grad(), autocast:
+        hidden = core.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden.requires_grad_(True)
+    labels = batch["labels"]
+
+    def old() -> None:
+        with autocast:
+            logits = core.lm_head(hidden)
+        SafeCausalLMLoss()(logits, labels).backward()
+
+    def new() -> None:
+        causal_lm_loss_from_hidden(hidden, autocast_head(head_spec(core.lm_head), amp),
+                                   labels).backward()
+
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for rep in range(reps + 1):
+        for name, fn in (("old", old), ("new", new)) if rep % 2 else (("new", new), ("old", old)):
+            hidden.grad = None
+            t0 = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             if i:
                 medians[name].append(statistics.median(timers[name].times[1:]))
     old, new = statistics.median(medians["old"]), statistics.median(medians["new"])
+    part = _head_and_loss(trainers["old"], info, reps=7)
     per_run = ", ".join(f"{b / a:.3f}" for a, b in zip(medians["old"], medians["new"],
                                                        strict=True))
     table = (
@@ -132,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         f"| per-run ratios | {per_run} | |\n"
         f"| old median step | {old * 1e3:.0f} ms (for scale only) | |\n"
         f"| new median step | {new * 1e3:.0f} ms (for scale only) | |\n"
+        f"| head + loss (fwd+bwd, one batch, median of 7) / old median step: old path | "
+        f"{part['old'] / old:.1%} | |\n"
+        f"| head + loss (fwd+bwd, one batch, median of 7) / old median step: new path | "
+        f"{part['new'] / old:.1%} | |\n"
+        f"| step ratio if only the head + loss changed (1 - (old - new part) / old step) | "
+        f"{1 - (part['old'] - part['new']) / old:.3f} | |\n"
     )
     print(table)
     if not args.no_append:

@@ -51,9 +51,11 @@ BENCHES = [
     Bench("labels", "bench.bench_labels", ["--n", "50000"],
           "50k examples instead of 100k: the ratio is per example, the time halves"),
     Bench("loss", "bench.bench_loss", []),  # default size: the README's 0.33x is stated for it
+    Bench("loss_hidden", "bench.bench_loss_hidden", []),  # issue 17's size: vocab 128k, seq 2048
     Bench("report", "bench.bench_report", []),
     Bench("tiny", "bench.bench_demo", ["--model", "tiny"]),
     Bench("demo", "bench.bench_demo", []),
+    Bench("demo_step", "bench.bench_demo_step", []),
 ]
 
 
@@ -82,6 +84,9 @@ LOSS = "causal_lm_loss vs transformers ForCausalLMLoss"
 REPORT = "Health report: parse of a noisy console log"
 DEMO = "Demo: SmolLM2-135M LoRA on BBC topics (issue 2)"
 TINY = "Tiny model on its generated task (issue 2)"
+LOSS_HIDDEN = "Loss from hidden states: supervised-only head vs transformers"
+DEMO_STEP = "Demo training step: supervised-only LM head vs full logits (issue 17)"
+_HIDDEN_ROW = r"\| {} \| frozen \|[^|]*\|[^|]*\|"  # supervised fraction, head, two peaks
 
 TARGETS = [
     Target("gradient guard", "Trainer step time, guarded / unguarded", GUARD,
@@ -108,6 +113,18 @@ TARGETS = [
     Target("safe loss", "time, chunked / transformers' loss", LOSS,
            r"\| finitetune chunk \d+ \|[^|]*\|[^|]*\|[^|]*\|\s*([\d.]+)x", "<=", 1.25,
            "issue 4 asks for the time as a ratio; 1.25 proposed", "x"),
+    Target("safe loss", "peak memory from hidden states, 10 % supervised / transformers'",
+           LOSS_HIDDEN, _HIDDEN_ROW.format("10%") + r"\s*([\d.]+)x", "<=", 0.10,
+           "issue 17 (vocab 128k, sequence 2048, frozen head)", "x"),
+    Target("safe loss", "peak memory from hidden states, 100 % supervised / transformers'",
+           LOSS_HIDDEN, _HIDDEN_ROW.format("100%") + r"\s*([\d.]+)x", "<=", 0.5,
+           "issue 17 (vocab 128k, sequence 2048, frozen head)", "x"),
+    Target("safe loss", "time from hidden states, 10 % supervised / transformers'",
+           LOSS_HIDDEN, _HIDDEN_ROW.format("10%") + r"[^|]*\|[^|]*\|[^|]*\|\s*([\d.]+)x", "<=",
+           0.5, "issue 17 (vocab 128k, sequence 2048, frozen head)", "x"),
+    Target("safe loss", "demo training step, head at supervised positions / full logits",
+           DEMO_STEP, r"\| demo step time, new / old[^|]*\|\s*\*\*([\d.]+)\*\*", "<=", 0.80,
+           "issue 17"),
     Target("health report", "parse + statistics of 1,000,000 log lines", REPORT,
            r"\| health_report\(path\)[^|]*\|\s*([\d.]+)", "<=", 5.0, "issue 9", " s"),
     Target("demo", "exact match after training", DEMO,

@@ -49,7 +49,7 @@ from finitetune.integrations.lm_head import UnsupportedModel, head_spec, probe, 
 from finitetune.loss import SafeCausalLMLoss
 from finitetune.loss_hidden import LMHead, causal_lm_loss_from_hidden_parts, default_chunk_rows
 
-__all__ = ["HiddenStateLoss", "choose_loss"]
+__all__ = ["HiddenStateLoss", "autocast_head", "choose_loss"]
 
 _ATTACHED = "_finitetune_hidden_loss"
 
@@ -165,7 +165,7 @@ class HiddenStateLoss(SafeCausalLMLoss):
             shift_labels = shift_labels.to(hidden.device)
         scale, softcap = self.plan.post()
         parts = causal_lm_loss_from_hidden_parts(
-            hidden, _autocast_head(head_spec(self.plan.head), self._autocast), labels,
+            hidden, autocast_head(head_spec(self.plan.head), self._autocast), labels,
             num_items_in_batch,
             ignore_index=self.ignore_index, chunk_size=self.chunk_size, z_loss=self.z_loss,
             logit_softcap=softcap, logit_scale=scale, shift_labels=shift_labels,
@@ -175,7 +175,7 @@ class HiddenStateLoss(SafeCausalLMLoss):
         return parts.loss
 
 
-def _autocast_head(spec: LMHead, dtype: torch.dtype | None) -> LMHead:
+def autocast_head(spec: LMHead, dtype: torch.dtype | None) -> LMHead:
     """The head's weights in ``dtype`` if the forward ran under autocast to that (narrower)
     dtype, as autocast would cast them for ``F.linear``; gradients flow back through the cast."""
     if dtype is None or spec.weight.dtype.itemsize <= dtype.itemsize:
