@@ -28,6 +28,7 @@ from finitetune import run_files
 from finitetune.config import TrainConfig
 from finitetune.errors import ConfigError
 from finitetune.jsonio import write_json_atomic
+from finitetune.numerics import IGNORE_INDEX
 from finitetune.run_writer import (
     make_run_dir,
     save_final,
@@ -191,7 +192,7 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     if distributed.is_main_process():
         print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
-                 if any(t != -100 for t in r["labels"])]
+                 if any(t != IGNORE_INDEX for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]
     model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
 
