@@ -25,7 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "GradFault", "HostSyncCounter", "LossScale", "OutputFault", "assert_same_state",
+    "GradFault", "HostSyncCounter", "LossScale", "OutputFault", "StateMismatch",
+    "assert_same_state",
     "count_host_syncs", "free_port", "inject_nonfinite_grad", "run_distributed",
 ]
 
@@ -242,35 +243,50 @@ def assert_same_state(
     model_a: torch.nn.Module, model_b: torch.nn.Module, optimizer_a: Any = None,
     optimizer_b: Any = None, scheduler_a: Any = None, scheduler_b: Any = None,
 ) -> None:
-    """Assert bit-identity (``torch.equal``) of two training states, naming the first difference.
+    """Check bit-identity (``torch.equal``) of two training states, naming the first difference.
 
     Compares every parameter and buffer, every optimizer-state entry of every parameter
     (moments, ``step``, ...), the param groups' hyper-parameters (lr, ...) and the schedulers'
     ``state_dict``. This is what "a skipped step leaves no trace" means: compare a guarded run
     with a control run that simply never saw the bad batch.
+
+    Raises:
+        StateMismatch: the first difference, named (raised explicitly, so ``python -O``,
+            which strips ``assert`` statements, cannot turn the check off).
     """
     sa, sb = model_a.state_dict(), model_b.state_dict()
-    assert sa.keys() == sb.keys(), "models have different parameter names"
+    _require(sa.keys() == sb.keys(), "models have different parameter names")
     for name, ta in sa.items():
         tb = sb[name]
-        assert ta.dtype == tb.dtype and torch.equal(ta, tb), f"parameter/buffer {name} differs"
+        _require(ta.dtype == tb.dtype and torch.equal(ta, tb), f"parameter/buffer {name} differs")
     if optimizer_a is not None or optimizer_b is not None:
         oa, ob = optimizer_a.state_dict(), optimizer_b.state_dict()
-        assert oa["state"].keys() == ob["state"].keys(), (
-            f"optimizer state covers different parameters: {sorted(oa['state'])} vs "
-            f"{sorted(ob['state'])}")
+        _require(oa["state"].keys() == ob["state"].keys(),
+                 f"optimizer state covers different parameters: {sorted(oa['state'])} vs "
+                 f"{sorted(ob['state'])}")
         for idx, entries in oa["state"].items():
             other = ob["state"][idx]
-            assert entries.keys() == other.keys(), f"optimizer state {idx}: keys differ"
+            _require(entries.keys() == other.keys(), f"optimizer state {idx}: keys differ")
             for key, va in entries.items():
                 vb = other[key]
                 same = torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
-                assert same, f"optimizer state of parameter #{idx}, key {key!r} differs"
+                _require(same, f"optimizer state of parameter #{idx}, key {key!r} differs")
         for i, (ga, gb) in enumerate(zip(oa["param_groups"], ob["param_groups"], strict=True)):
-            assert ga == gb, f"param group {i} differs: {ga} vs {gb}"
+            _require(ga == gb, f"param group {i} differs: {ga} vs {gb}")
     if scheduler_a is not None or scheduler_b is not None:
         da, db = scheduler_a.state_dict(), scheduler_b.state_dict()
-        assert da == db, f"scheduler state differs: {da} vs {db}"
+        _require(da == db, f"scheduler state differs: {da} vs {db}")
+
+
+class StateMismatch(AssertionError):
+    """Two training states that should be bit-identical differ (see :func:`assert_same_state`).
+
+    An ``AssertionError`` so test runners report it as a failed check, not as a crash."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise StateMismatch(message)
 
 
 # --------------------------------------------------------------------------- 2-process runner
