@@ -58,23 +58,17 @@ def _build(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 
     from finitetune.cli.train import resolve_config
     from finitetune.data.collate import CausalLMCollator
-    from finitetune.data.pipeline import prepare_rows
+    from finitetune.data.pipeline import load_data_records, prepare_rows
     from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.hidden_loss import choose_loss
     from finitetune.loss import SafeCausalLMLoss
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision import choose_precision
-    from finitetune.recipe import (
-        _train_device,
-        apply_lora,
-        default_records,
-        split_records,
-        training_arguments,
-    )
+    from finitetune.recipe import _train_device, apply_lora, split_records, training_arguments
 
     cfg = resolve_config(None, {"model": "demo", "max_steps": args.steps, "logging_steps": 1000})
-    train_recs, _ = split_records(default_records(cfg.model, cfg.seed), cfg.data.eval_size,
-                                  cfg.seed)
+    train_recs, _ = split_records(load_data_records(cfg.data, cfg.model, cfg.seed),
+                                  cfg.data.eval_size, cfg.seed)
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     rows, _, _ = prepare_rows(train_recs, tokenizer, cfg.data)

@@ -69,7 +69,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
         chunk_size: int, z_loss: float, compute_dtype: torch.dtype,
     ) -> torch.Tensor:
@@ -104,7 +104,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_total.to(dtype)  # stays a device tensor: no sync
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
-            work = grad[start:end] if direct else buf[: end - start]
+            work = grad[start:end] if buf is None else buf[: end - start]
             torch.sub(logits[start:end], lse[start:end, None], out=work).exp_()  # softmax
             ce_grad_(work, lse[start:end], targets[start:end], ctx.z_loss, scale, minus_one)
             work.masked_fill_(~valid[start:end, None], 0.0)  # exact zeros, even where NaN

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from finitetune.chunked_head import ChunkedHeadCrossEntropy
 from finitetune.loss import LossParts, _denominator
+from finitetune.numerics import IGNORE_INDEX
 
 __all__ = ["LMHead", "LowRank", "causal_lm_loss_from_hidden", "causal_lm_loss_from_hidden_parts",
            "default_chunk_rows"]
@@ -138,7 +139,7 @@ def _low_rank_input(rows: torch.Tensor, head: LMHead) -> tuple[torch.Tensor | No
 
 def causal_lm_loss_from_hidden_parts(
     hidden_states: torch.Tensor, lm_head: torch.nn.Module | LMHead, labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
     logit_scale: float | None = None, shift_labels: torch.Tensor | None = None,
 ) -> LossParts:
@@ -174,7 +175,7 @@ def causal_lm_loss_from_hidden_parts(
 
 def causal_lm_loss_from_hidden(
     hidden_states: torch.Tensor, lm_head: torch.nn.Module | LMHead, labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
     logit_scale: float | None = None, shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:

@@ -47,6 +47,7 @@ import torch
 from finitetune.errors import ConfigError
 from finitetune.integrations.lm_head import UnsupportedModel, head_spec, probe, understand
 from finitetune.loss import SafeCausalLMLoss
+from finitetune.numerics import IGNORE_INDEX
 from finitetune.loss_hidden import LMHead, causal_lm_loss_from_hidden_parts, default_chunk_rows
 
 __all__ = ["HiddenStateLoss", "autocast_head", "choose_loss"]
@@ -82,7 +83,7 @@ class HiddenStateLoss(SafeCausalLMLoss):
         UnsupportedModel: a model whose head / forward it cannot reproduce (names why).
     """
 
-    def __init__(self, model: Any, *, ignore_index: int = -100, chunk_size: int | None = None,
+    def __init__(self, model: Any, *, ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
                  z_loss: float = 0.0, verify: bool = True) -> None:
         super().__init__(ignore_index=ignore_index, chunk_size=chunk_size, z_loss=z_loss)
         self.plan = understand(model)
