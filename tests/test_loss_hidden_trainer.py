@@ -60,9 +60,12 @@ def tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 def with_lora(model, kind: str):
     if LORA[kind] is None:
         return model
-    # init_lora_weights=False: B is random too, so the adapters change the logits
+    # init_lora_weights=False: B is random too, so the adapters change the logits; with tied
+    # embeddings an adapted head keeps the tie (PEFT's advice), so the embedding is adapted too
+    tied = bool(model.config.tie_word_embeddings) and kind in ("head", "save_head")
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                            init_lora_weights=False, **LORA[kind]))
+                                            init_lora_weights=False, ensure_weight_tying=tied,
+                                            **LORA[kind]))
 
 
 def window(seed: int = 1) -> list[dict]:

@@ -127,7 +127,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
         bias: torch.Tensor | None, u: torch.Tensor | None, b_low: torch.Tensor | None,
         scale: float, softcap: float | None, z_loss: float, chunk_size: int,

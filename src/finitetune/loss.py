@@ -108,7 +108,7 @@ def _shifted_labels(
     # Same as transformers' ForCausalLMLoss: pad with ignore_index and drop the first column, so
     # position t predicts label t+1 and the last position predicts nothing. Keeping the logits
     # whole (no [:, :-1] slice) lets them be viewed as (N, V) without a copy.
-    return F.pad(labels.long(), (0, 1), value=ignore_index)[..., 1:]
+    return F.pad(target.long(), (0, 1), value=ignore_index)[..., 1:]
 
 
 def _denominator(
@@ -284,7 +284,10 @@ class SafeCausalLMLoss:
         self.last_loss_sum: torch.Tensor | None = None
         self.last_num_tokens: torch.Tensor | None = None
         self.last_num_items_in_batch: torch.Tensor | None = None
-        self.reset()
+        self._loss_sum: torch.Tensor | None = None
+        self._num_tokens: torch.Tensor | None = None
+        self._empty: torch.Tensor | None = None
+        self._micro_batches = 0
 
     def __call__(
         self,
@@ -311,7 +314,7 @@ class SafeCausalLMLoss:
             self.last_num_items_in_batch = None
         else:
             self.last_num_items_in_batch = torch.as_tensor(num_items_in_batch).detach()
-        if self._micro_batches == 0:
+        if self._loss_sum is None or self._num_tokens is None or self._empty is None:
             self._loss_sum, self._num_tokens, self._empty = loss_sum, num_tokens, empty
         else:  # device-side adds; a NaN loss_sum stays NaN in the window, as it should
             device = self._loss_sum.device
@@ -322,7 +325,7 @@ class SafeCausalLMLoss:
 
     def window(self) -> LossWindow:
         """Window totals as device tensors (zeros on CPU if nothing was recorded). No sync."""
-        if self._micro_batches == 0:
+        if self._loss_sum is None or self._num_tokens is None or self._empty is None:
             zero_i = torch.zeros((), dtype=torch.long)
             return LossWindow(torch.zeros(()), zero_i, zero_i.clone(), 0, None)
         return LossWindow(self._loss_sum, self._num_tokens, self._empty, self._micro_batches,
@@ -330,9 +333,7 @@ class SafeCausalLMLoss:
 
     def reset(self) -> None:
         """Start a new window (call after each optimizer step, skipped or not)."""
-        self._loss_sum: torch.Tensor | None = None
-        self._num_tokens: torch.Tensor | None = None
-        self._empty: torch.Tensor | None = None
+        self._loss_sum = self._num_tokens = self._empty = None
         self._micro_batches = 0
 
     def read_and_reset(self) -> dict[str, Any]:

@@ -47,8 +47,8 @@ import torch
 from finitetune.errors import ConfigError
 from finitetune.integrations.lm_head import UnsupportedModel, head_spec, probe, understand
 from finitetune.loss import SafeCausalLMLoss
-from finitetune.numerics import IGNORE_INDEX
 from finitetune.loss_hidden import LMHead, causal_lm_loss_from_hidden_parts, default_chunk_rows
+from finitetune.numerics import IGNORE_INDEX
 
 __all__ = ["HiddenStateLoss", "autocast_head", "choose_loss"]
 

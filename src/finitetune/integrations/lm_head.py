@@ -79,11 +79,11 @@ the listed post-processing, and which honour a tensor ``logits_to_keep``."""
 class HeadPlan:
     """Where the hidden-state loss hooks in, and what it must compute."""
 
-    core: torch.nn.Module
+    core: Any
     """The ``*ForCausalLM`` module (under any PEFT / DDP wrapper)."""
-    base: torch.nn.Module
+    base: Any
     """``core.model``: its output's ``last_hidden_state`` is what the head would see."""
-    head: torch.nn.Module
+    head: Any
     """``core.lm_head`` as the model holds it (maybe a PEFT wrapper)."""
     family: str
 
@@ -131,7 +131,7 @@ def _is_peft(module: Any, cls: str) -> bool:
     return type(module).__name__ == cls and type(module).__module__.startswith("peft.")
 
 
-def head_spec(module: torch.nn.Module) -> LMHead:
+def head_spec(module: Any) -> LMHead:
     """The head as an :class:`~finitetune.loss_hidden.LMHead`, following PEFT's own forward.
 
     ``nn.Linear``; PEFT ``modules_to_save`` (the active copy, or the original when adapters
@@ -164,7 +164,7 @@ def _lora_spec(module: Any) -> LMHead:
         return base
     if getattr(module, "fan_in_fan_out", False):
         raise UnsupportedModel("the LM head's LoRA layer uses fan_in_fan_out")
-    terms = []
+    terms: list[LowRank] = []
     for name in module.active_adapters:
         if name not in module.lora_A:
             continue
