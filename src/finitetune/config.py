@@ -56,6 +56,17 @@ class SpikeAction(str, Enum):
     """Stop training."""
 
 
+class RankMismatchAction(str, Enum):
+    """What the guard does when ranks that should hold the same values do not (``rank_mismatch``)."""
+
+    HALT = "halt"
+    """Stop training: a replica that drifted away cannot be repaired by skipping a step."""
+    SKIP = "skip"
+    """Do not take this step (a one-off disagreement, e.g. in one step's gradients)."""
+    WARN = "warn"
+    """Take the step anyway; write an event and a warning."""
+
+
 @dataclass
 class GuardConfig:
     """Settings of :class:`finitetune.Guard` and :class:`finitetune.GuardCallback`.
@@ -125,11 +136,28 @@ class GuardConfig:
     many consecutive applied steps (a sign that something upstream clips or zeroes the
     gradients). 0 disables."""
 
+    rank_check_every: int = 50
+    """Distributed: every this many steps, each rank's checksum of its replicated parameters
+    (DDP; DeepSpeed ZeRO-1/2) rides in the guard's one all-reduce and ranks that disagree make
+    a ``rank_mismatch`` event. Each rank's local gradient norm is compared on every step where
+    gradients are replicated (DDP), at no cost. 0 turns both checks off. The default keeps the
+    checksum pass under 1 % of a step (``bench/bench_rank_check.py``)."""
+
+    rank_tolerance: float = 0.0
+    """Relative difference allowed between ranks' values. Replicas compute the same kernels on
+    bit-identical inputs, so 0 (exact) is right unless the ranks run on different hardware."""
+
+    rank_mismatch_action: RankMismatchAction | str = RankMismatchAction.HALT
+    """On ``rank_mismatch``: ``halt`` (default: a drifted replica does not heal), ``skip``
+    or ``warn``."""
+
     def __post_init__(self) -> None:
         self.policy = _enum(GuardPolicy, self.policy, "guard policy")
         self.spike_action = _enum(SpikeAction, self.spike_action, "guard spike_action")
+        self.rank_mismatch_action = _enum(RankMismatchAction, self.rank_mismatch_action,
+                                          "guard rank_mismatch_action")
         for name in ("max_consecutive_skips", "max_rollbacks", "zero_loss_patience",
-                     "pinned_norm_patience"):
+                     "pinned_norm_patience", "rank_check_every"):
             _check(self, name, lambda v: isinstance(v, int) and v >= 0, "an int >= 0")
         for name in ("spike_window", "spike_warmup", "snapshot_every"):
             _check(self, name, lambda v: isinstance(v, int) and v >= 1, "an int >= 1")
@@ -142,6 +170,7 @@ class GuardConfig:
         _check(self, "spike_threshold", lambda v: _num(v) and v > 0, "a number > 0")
         _check(self, "spike_min_scale", lambda v: _num(v) and v >= 0, "a number >= 0")
         _check(self, "lr_backoff", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]")
+        _check(self, "rank_tolerance", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "max_grad_norm", lambda v: v is None or (_num(v) and v >= 0),
                "None or a number >= 0")
 
@@ -315,6 +344,11 @@ class TrainConfig:
 
     eval_batch_size: int = 32
     """Examples per generation batch in evaluation."""
+
+    deepspeed: str | None = None
+    """A DeepSpeed JSON config file (ZeRO stage 1, 2 or 3), passed to the Trainer as
+    ``TrainingArguments(deepspeed=...)``; launch with ``torchrun``, ``deepspeed`` or
+    ``accelerate launch``. The guard decides inside DeepSpeed's optimizer step."""
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -70,6 +70,8 @@ class Reason(str, Enum):
     """The pre-clip grad norm stayed constant or at ``max_grad_norm`` for long (warning)."""
     SCALER_OVERFLOW = "scaler_overflow"
     """fp16 GradScaler found inf/NaN while calibrating its scale: skipped, not a fault."""
+    RANK_MISMATCH = "rank_mismatch"
+    """Ranks that should hold the same gradients or parameters do not (``detail['ranks']``)."""
 
 
 FAULT_REASONS = frozenset({Reason.NONFINITE_GRAD, Reason.NORM_OVERFLOW, Reason.NONFINITE_LOSS})
