@@ -87,9 +87,10 @@ class GuardCallback(TrainerCallback, ExportableState):
     - **Checkpoints** carry the guard's counters and spike windows (in ``trainer_state.json``
       under ``stateful_callbacks``); resuming restores them.
 
-    Distributed: DDP (``torchrun``, ``accelerate launch``) and FSDP2 are supported; every rank
-    takes the same decision from one all-reduce per step, and rank 0 writes the events.
-    DeepSpeed and FSDP1 raise :class:`~finitetune.ConfigError` at ``on_train_begin``.
+    Distributed: DDP (``torchrun``, ``accelerate launch``), FSDP2 and DeepSpeed ZeRO-1/2/3
+    (:mod:`finitetune.integrations.deepspeed`: the decision inside DeepSpeed's own step) are
+    supported; every rank takes the same decision from one all-reduce per step, and rank 0
+    writes the events. FSDP1 raises :class:`~finitetune.ConfigError` at ``on_train_begin``.
 
     Args:
         config: :class:`~finitetune.GuardConfig` (or its dict form); default settings if None.
@@ -165,9 +166,16 @@ class GuardCallback(TrainerCallback, ExportableState):
         optimizer = trainer.optimizer
         max_norm = self.config.max_grad_norm
         scaler = getattr(optimizer, "scaler", None)
-        guard = Guard(trainer.model, optimizer, self.config, trainer.lr_scheduler, scaler=scaler,
-                      output_dir=self.output_dir or args.output_dir, on_fault=self.on_fault)
-        guard.max_grad_norm = float(args.max_grad_norm if max_norm is None else max_norm)
+        if getattr(trainer, "is_deepspeed_enabled", False):  # the decision inside ZeRO's step
+            from finitetune.integrations import deepspeed
+
+            guard = deepspeed.make_guard(trainer, self.config, on_fault=self.on_fault,
+                                         output_dir=self.output_dir or args.output_dir)
+        else:
+            guard = Guard(trainer.model, optimizer, self.config, trainer.lr_scheduler,
+                          scaler=scaler, output_dir=self.output_dir or args.output_dir,
+                          on_fault=self.on_fault)
+            guard.max_grad_norm = float(args.max_grad_norm if max_norm is None else max_norm)
         saved = self.__dict__.pop("guard_state", None)  # set by the Trainer's own restore
         if saved is None and state.global_step > 0:
             data = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -179,7 +187,13 @@ class GuardCallback(TrainerCallback, ExportableState):
         self.guard = guard
         setattr(trainer, _GUARD_ATTR, guard)
         self._pending, self._hold_scheduler = None, False
-        self._install(trainer, optimizer)
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            from finitetune.integrations.deepspeed import ZeroSeam
+
+            self._seam = ZeroSeam(trainer, guard, lambda e: setattr(trainer, _HALT_ATTR, e))
+            self._seam.install()
+        else:
+            self._install(trainer, optimizer)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.trainer is not None and getattr(self.trainer, _HALT_ATTR, None) is not None:
@@ -280,6 +294,9 @@ class GuardCallback(TrainerCallback, ExportableState):
         setattr(obj, name, value)
 
     def _uninstall(self) -> None:
+        seam, self._seam = getattr(self, "_seam", None), None
+        if seam is not None:
+            seam.uninstall()
         for obj, name, old in reversed(self._patches):
             if old is _MISSING:
                 obj.__dict__.pop(name, None)
@@ -303,8 +320,7 @@ def _check_parallelism(trainer: Trainer, args: Any) -> None:
     import os
 
     if getattr(trainer, "is_deepspeed_enabled", False):
-        raise ConfigError("GuardCallback does not support DeepSpeed: its engine clips and steps "
-                          "the optimizer itself. Train with DDP or FSDP2, or remove the callback.")
+        return  # ZeRO-1/2/3: checked by finitetune.integrations.deepspeed.check
     fsdp_requested = bool(getattr(args, "fsdp", None)) or (
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
     if getattr(trainer, "is_fsdp_enabled", False):

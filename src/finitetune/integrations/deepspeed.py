@@ -1,0 +1,351 @@
+"""The gradient guard under DeepSpeed ZeRO-1, 2 and 3: the decision inside DeepSpeed's own step.
+
+Under DeepSpeed the Trainer's backward (accelerate's ``DeepSpeedEngineWrapper.backward``) calls
+``engine.step()``, which calls the ZeRO optimizer's ``step``: that is where DeepSpeed computes
+the global norm, decides on overflow, clips and updates, all *before* any Trainer hook runs; the
+Trainer's own ``optimizer.step()`` is then a no-op. So the guard sits there too
+(:class:`ZeroSeam`), on four seams, all undone at the end of ``train()``:
+
+- ``zero_optimizer.step`` (instance-level wrapper): before DeepSpeed touches anything, the guard
+  reads this rank's gradient *partition* (``averaged_gradients``: the reduced gradients ZeRO
+  keeps per rank), adds the squared norms and finite flags up across ranks in its one
+  all-reduce, and decides. Applied: DeepSpeed's step runs as usual (it clips with its own
+  ``gradient_clipping``). Not applied: DeepSpeed's step runs with its overflow check forced to
+  "overflow", so its *own* skip path runs: gradients cleared, parameters, master weights and
+  optimizer state untouched, ``engine.skipped_steps`` counted, the loss scale updated, and its
+  ``overflow`` flag tells accelerate and the Trainer not to advance the LR scheduler. The
+  Trainer then logs the guard's pre-clip norm (NaN for a NaN step), not DeepSpeed's ``inf``.
+- the forced overflow: ZeRO-1/2's ``check_overflow`` (also when ``bf16.check_grad_overflow``
+  is off, which is the case where DeepSpeed alone would apply a NaN step), ZeRO-3's
+  ``_overflow_check_and_loss_scale_update``;
+- ``engine.backward``: feeds the micro-batch loss to the guard before the step it belongs to;
+- ``trainer.training_step``: pops ``sample_ids`` and counts the supervised tokens.
+
+Every private name used is listed in :data:`SEAMS` and checked at start-up (:func:`check`);
+a DeepSpeed release that renames one stops with a ``ConfigError`` naming the tested version,
+instead of a guard that silently does nothing.
+
+What cannot work, and says so at start-up: ZeRO stage 0 and DeepSpeed's ``BF16_Optimizer`` (no
+ZeRO partition to read), optimizer offload (the partitions live in CPU buffers the guard does
+not read), rollback under ZeRO-3 (parameters are partitioned; no snapshot is restorable),
+``GuardConfig.max_grad_norm`` different from DeepSpeed's ``gradient_clipping`` (DeepSpeed clips).
+Cross-rank checks: parameters are replicated under ZeRO-1/2 (checksummed every
+``rank_check_every`` steps); gradients are partitioned (not compared); ZeRO-3 shares nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from finitetune.config import GuardConfig
+from finitetune.errors import ConfigError, NonFiniteHalt
+from finitetune.guard import distributed
+from finitetune.guard.guard import Guard
+from finitetune.guard.policy import Action, StepOutcome
+from finitetune.guard.snapshot import Snapshot
+from finitetune.guard.stats import GRAD_FIELDS, GradStats, acc_dtype
+
+__all__ = ["SEAMS", "TESTED", "ZeroGradStats", "ZeroGuard", "ZeroSeam", "check", "make_guard"]
+
+logger = logging.getLogger("finitetune.guard")
+
+TESTED = "deepspeed 0.19.8"
+"""The DeepSpeed release the seams below are tested with (``tests/test_deepspeed.py``)."""
+
+SEAMS: dict[str, tuple[str, ...]] = {
+    "DeepSpeedZeroOptimizer": ("step", "averaged_gradients", "check_overflow",
+                               "check_grad_overflow", "overflow", "_global_grad_norm",
+                               "loss_scale", "update_lp_params", "params_in_partition",
+                               "cpu_offload", "dp_process_group"),
+    "DeepSpeedZeroOptimizer_Stage3": ("step", "averaged_gradients",
+                                      "_overflow_check_and_loss_scale_update", "overflow",
+                                      "fp32_partitioned_groups_flat",
+                                      "_global_grad_norm", "loss_scale", "fp16_groups",
+                                      "offload_optimizer", "dp_process_group"),
+    "DeepSpeedEngine": ("backward", "optimizer", "zero_optimization_stage",
+                        "gradient_clipping", "skipped_steps"),
+}
+"""Attributes of DeepSpeed objects the guard reads or wraps, per class (checked at start-up)."""
+
+
+def engine_of(trainer: Any) -> Any:
+    """The Trainer's ``DeepSpeedEngine`` (set once ``train()`` has prepared the model)."""
+    engine = getattr(trainer, "deepspeed", None) or getattr(trainer, "model_wrapped", None)
+    if type(engine).__name__ != "DeepSpeedEngine":
+        raise ConfigError("GuardCallback under DeepSpeed found no DeepSpeedEngine on the Trainer "
+                          f"(got {type(engine).__name__}); it is tested with {TESTED}.")
+    return engine
+
+
+def check(engine: Any, config: GuardConfig) -> int:
+    """Refuse, at start-up, what the guard cannot make safe under DeepSpeed; return the stage.
+
+    Raises:
+        ConfigError: with what to change (see the module docstring for the list).
+    """
+    stage = int(engine.zero_optimization_stage())
+    zo = engine.optimizer
+    kind = type(zo).__name__
+    if stage not in (1, 2, 3) or kind not in SEAMS:
+        raise ConfigError(
+            f"the gradient guard supports DeepSpeed ZeRO stage 1, 2 or 3 (got stage {stage}, "
+            f"optimizer {kind}): set zero_optimization.stage to 1-3 in the DeepSpeed config "
+            "(bf16 with ZeRO-1 also needs data_types.grad_accum_dtype unset or bf16, else "
+            "DeepSpeed uses its BF16_Optimizer, which the guard does not read).")
+    for obj, cls in ((engine, "DeepSpeedEngine"), (zo, kind)):
+        missing = [name for name in SEAMS[cls] if not hasattr(obj, name)]
+        if missing:
+            raise ConfigError(
+                f"this DeepSpeed release has no {cls}.{', '.join(missing)}, which the gradient "
+                f"guard relies on (tested with {TESTED}): install deepspeed==0.19.8 or train "
+                "without DeepSpeed (DDP or FSDP2).")
+    if getattr(zo, "cpu_offload", False) or getattr(zo, "offload_optimizer", False):
+        raise ConfigError("the gradient guard does not read DeepSpeed's offloaded optimizer "
+                          "partitions: remove zero_optimization.offload_optimizer.")
+    if distributed.is_distributed() and torch.distributed.get_world_size(
+            zo.dp_process_group) != distributed.world_size():
+        raise ConfigError("the gradient guard supports DeepSpeed with pure data parallelism "
+                          "(the ZeRO group is every rank); model/sequence parallel groups "
+                          "are not supported.")
+    if stage == 3 and config.needs_snapshots:
+        raise ConfigError("rollback needs a restorable snapshot of the parameters, which ZeRO-3 "
+                          "partitions across ranks: use policy/spike_action skip, reduce_lr or "
+                          "halt with ZeRO-3, or ZeRO-1/2 for rollback.")
+    clip = float(engine.gradient_clipping() or 0.0)
+    if config.max_grad_norm is not None and float(config.max_grad_norm) != clip:
+        raise ConfigError(
+            f"under DeepSpeed the gradients are clipped by DeepSpeed's gradient_clipping "
+            f"({clip:g}), not by the guard: leave GuardConfig.max_grad_norm unset (it is "
+            f"{config.max_grad_norm:g}) or set the same value in the DeepSpeed config.")
+    return stage
+
+
+class ZeroGradStats(GradStats):
+    """:class:`GradStats` over this rank's ZeRO gradient partitions instead of ``p.grad``.
+
+    ZeRO keeps the reduced (averaged) gradients of the elements this rank owns in
+    ``averaged_gradients`` (a list of tensors per group, ZeRO-1/2/3 alike); the ranks' pieces
+    are disjoint, so the guard adds the squared norms up across ranks. The tensors change
+    every step, so they are grouped by (device, dtype) on each call. Under fp16 the gradients
+    are scaled by DeepSpeed's loss scale: the norms are divided by it.
+    """
+
+    def __init__(self, zero_optimizer: Any) -> None:  # no super().__init__: no fixed params
+        self.zero = zero_optimizer
+        self.params = []
+        self.device = distributed.collective_device()
+        self.dtype = acc_dtype(self.device)
+        self.sharded = False
+        self.groups = []
+        self._grads: list[tuple[torch.device, list[torch.Tensor]]] = []
+        self.found = torch.zeros((), dtype=self.dtype, device=self.device)
+        """Non-finite partition norms of the last :meth:`compute` (device tensor)."""
+
+    def partition_grads(self) -> list[tuple[Any, torch.Tensor]]:
+        """(group key, gradient tensor) of this rank's partition, in DeepSpeed's order."""
+        ag = self.zero.averaged_gradients
+        items = ag.items() if isinstance(ag, dict) else enumerate(ag or [])
+        return [(i, g) for i, gs in items if gs for g in gs if g is not None]
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._grads = []
+        grads = [g for _, g in self.partition_grads()]
+        norms = []
+        for (device, dtype), ([tensors], _) in _group_tensors_by_device_and_dtype([grads]).items():
+            wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+            norms.append(torch.stack(torch._foreach_norm(tensors, 2.0, dtype=wide))
+                         .to(self.device))
+            self._grads.append((device, tensors))
+        if not norms:  # this rank owns no gradient element this step
+            self.found = torch.zeros((), dtype=self.dtype, device=self.device)
+            return (torch.zeros(len(GRAD_FIELDS), dtype=self.dtype, device=self.device),
+                    torch.zeros((), device=self.device))
+        vec = (norms[0] if len(norms) == 1 else torch.cat(norms)).float()
+        scale = float(self.zero.loss_scale)
+        if scale != 1.0:  # fp16: true norms (a device multiply, no sync)
+            vec = vec / scale
+        clip_norm = torch.linalg.vector_norm(vec, 2.0)
+        v = vec.to(self.dtype)
+        packed = torch.stack([(v * v).sum(), v.isnan().sum().to(self.dtype),
+                              v.isinf().sum().to(self.dtype), clip_norm.to(self.dtype)])
+        self.found = packed[1] + packed[2]
+        return packed, clip_norm
+
+    def inspect_inf(self) -> torch.Tensor:
+        probe = super().inspect_inf()
+        scale = float(self.zero.loss_scale)
+        return probe / torch.tensor([1.0, scale * scale], dtype=probe.dtype, device=probe.device)
+
+    def clip_(self, max_norm: float, clip_norm: torch.Tensor) -> None:
+        """Nothing: DeepSpeed clips inside its step (``gradient_clipping``), after the guard
+        decided to apply it, with the same global norm."""
+
+
+
+class _LossScaleOverflow:
+    """Stands in for a GradScaler so that, under DeepSpeed's fp16 dynamic loss scale, an
+    overflow counts as calibration (``scaler_overflow``), not as a fault. The guard asks it only
+    for this step's found-inf count, through the GradScaler method it reuses; the count is the
+    non-finite partition norms :meth:`ZeroGradStats.compute` already took (no extra pass)."""
+
+    def __init__(self, stats: ZeroGradStats) -> None:
+        self.stats = stats
+
+    def _found_inf_per_device(self, optimizer: Any) -> dict[torch.device, torch.Tensor]:
+        return {self.stats.device: self.stats.found}
+
+
+class ZeroGuard(Guard):
+    """A :class:`Guard` whose gradients are ZeRO partitions and whose optimizer is DeepSpeed's.
+
+    The parameters it snapshots (rollback, ZeRO-1/2) are the fp32 master partitions of the
+    optimizer DeepSpeed wraps, with that optimizer's state; the replicated parameters it
+    checksums across ranks are the model's (ZeRO-1/2; none under ZeRO-3).
+    """
+
+    def __init__(self, engine: Any, model: torch.nn.Module, config: GuardConfig,
+                 scheduler: Any = None, *, output_dir: Any = None, on_fault: Any = None) -> None:
+        self.engine = engine
+        self.zero = engine.optimizer
+        self.stage = int(engine.zero_optimization_stage())
+        self.replicas = [p for p in model.parameters()] if self.stage < 3 else None
+        fp16 = getattr(self.zero, "dynamic_loss_scale", False)
+        self._zero_stats = ZeroGradStats(self.zero)
+        scaler = _LossScaleOverflow(self._zero_stats) if fp16 else None
+        super().__init__(None, self.zero, config, scheduler, scaler=scaler,
+                         output_dir=output_dir, on_fault=on_fault)
+        self.max_grad_norm = float(engine.gradient_clipping() or 0.0)
+
+    def refresh_params(self) -> None:
+        """The ZeRO layout instead of the detected one: gradients are disjoint partitions (the
+        squares add up across ranks), the snapshot (rollback, ZeRO-1/2) holds the fp32 master
+        partitions with their optimizer state, the replicated model parameters are checksummed
+        across ranks (ZeRO-1/2; under ZeRO-3 nothing is replicated)."""
+        if self.stage == 3:  # its torch optimizer holds the partition only inside its step
+            params = list(self.zero.fp32_partitioned_groups_flat)
+        else:
+            params = [p for g in self.inner_optimizer.param_groups for p in g["params"]]
+        self._params = params
+        self.replicated_grads = False
+        self._grad_replicas = 1
+        self._grad_stats = self._zero_stats
+        self._snapshot = (Snapshot(params, self.inner_optimizer)
+                          if self.config.needs_snapshots else None)
+        self._n_opt_params = self._count_opt_params()
+        self.rank_check.configure(grads=False, params=self.replicas)
+
+
+def make_guard(trainer: Any, config: GuardConfig, *, output_dir: Any, on_fault: Any) -> ZeroGuard:
+    """The guard for a Trainer running under DeepSpeed (after :func:`check`)."""
+    engine = engine_of(trainer)
+    check(engine, config)
+    return ZeroGuard(engine, trainer.model, config, trainer.lr_scheduler,
+                     output_dir=output_dir, on_fault=on_fault)
+
+
+class ZeroSeam:
+    """The guard's four seams in a DeepSpeed run (module docstring); :meth:`uninstall` undoes
+    them. ``on_halt`` receives the :class:`~finitetune.NonFiniteHalt` of a halting step."""
+
+    def __init__(self, trainer: Any, guard: ZeroGuard,
+                 on_halt: Callable[[NonFiniteHalt], None]) -> None:
+        self.trainer = trainer
+        self.guard = guard
+        self.on_halt = on_halt
+        self.outcome: StepOutcome | None = None
+        self._tokens: Any = None
+        self._patches: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> ZeroSeam:
+        from finitetune.integrations.hf import _supervised_tokens
+
+        guard, trainer, engine = self.guard, self.trainer, self.guard.engine
+        shifts = getattr(trainer, "_loss_shifts_labels", True)
+        training_step, backward, step = trainer.training_step, engine.backward, guard.zero.step
+
+        def guarded_training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            inputs = guard.observe_batch(inputs)  # pops sample_ids; kept for attribution
+            self._tokens = _supervised_tokens(inputs, shifts)
+            return training_step(model, inputs, *args, **kwargs)
+
+        def guarded_backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
+            # before the backward whose engine.step() decides: this micro-batch belongs to it
+            if isinstance(loss, torch.Tensor):
+                guard.observe_loss(loss.detach(), self._tokens, window_normalized=True)
+            self._tokens = None
+            return backward(loss, *args, **kwargs)
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            return self._step(step, *args, **kwargs)
+
+        self._patch(trainer, "training_step", guarded_training_step)
+        self._patch(engine, "backward", guarded_backward)
+        self._patch(guard.zero, "step", guarded_step)
+        return self
+
+    def _step(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The ZeRO optimizer's step, decided by the guard first (every rank, same decision)."""
+        guard, zo = self.guard, self.guard.zero
+        # COLLECTIVE + HOST SYNC: the guard's one all-reduce and one read (Guard.check)
+        outcome = guard.check(step=self.trainer.state.global_step + 1)
+        self.outcome = outcome
+        if outcome.action == Action.ROLLBACK:
+            # the guard restored the fp32 master partitions; the model's weights follow them
+            zo.update_lp_params()  # COLLECTIVE (all-gather), on every rank alike
+        if outcome.applied:
+            return step(*args, **kwargs)
+        with self._forced_overflow():
+            result = step(*args, **kwargs)  # DeepSpeed's own skip path
+        zo._global_grad_norm = outcome.grad_norm  # the Trainer logs the true pre-clip norm
+        if guard.config.scheduler_on_skip and guard.scheduler is not None:
+            guard.scheduler.step()  # the Trainer holds it (overflow flag): advance it here
+        if outcome.action == Action.HALT:
+            self.on_halt(guard.halt_error(outcome))
+        return result
+
+    @contextlib.contextmanager
+    def _forced_overflow(self) -> Iterator[None]:
+        """Make DeepSpeed's overflow check report an overflow for one step (no collective)."""
+        zo = self.guard.zero
+
+        def overflow(*args: Any, **kwargs: Any) -> bool:
+            zo.overflow = True
+            return True
+
+        if self.guard.stage == 3:
+            name, saved = "_overflow_check_and_loss_scale_update", []
+        else:  # also when bf16.check_grad_overflow is off: the check is then not even called
+            name, saved = "check_overflow", [("check_grad_overflow", zo.check_grad_overflow)]
+            zo.check_grad_overflow = True
+        setattr(zo, name, overflow)
+        try:
+            yield
+        finally:
+            del zo.__dict__[name]
+            for attr, value in saved:
+                setattr(zo, attr, value)
+            if not zo.overflow:  # the seam did nothing: never leave that unnoticed
+                raise RuntimeError(f"DeepSpeed's step did not take its overflow path (tested "
+                                   f"with {TESTED}); the step may have been applied")
+
+    def _patch(self, obj: Any, name: str, value: Any) -> None:
+        self._patches.append((obj, name, obj.__dict__.get(name, _MISSING)))
+        setattr(obj, name, value)
+
+    def uninstall(self) -> None:
+        """Undo every wrapper (also after an exception or a halt)."""
+        for obj, name, old in reversed(self._patches):
+            if old is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, old)
+        self._patches = []
+
+
+_MISSING = object()
