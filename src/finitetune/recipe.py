@@ -118,6 +118,7 @@ def training_arguments(cfg: TrainConfig, out: Path, steps: int, plan: Any = None
         disable_tqdm=True,
         use_cpu=not _cuda_available(),
         average_tokens_across_devices=True,
+        deepspeed=cfg.deepspeed or None,
         **(plan.training_arguments() if plan is not None else {}),
     )
 
@@ -200,6 +201,10 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     else:
         records = default_records(cfg.model, cfg.seed)
     train_recs, eval_recs = split_records(records, cfg.data.eval_size, cfg.seed)
+    if cfg.deepspeed:  # a missing or unusable DeepSpeed config fails before anything is written
+        from finitetune.integrations.deepspeed import load_config
+
+        load_config(cfg.deepspeed, cuda=_cuda_available())
     # a precision the hardware cannot honour fails here, before the model loads
     choose_precision(None, device=_train_device(), requested=cfg.precision)
     with distributed.main_process_first():  # rank 0 fills the model cache, then the others

@@ -48,6 +48,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--on-label-problem": ("data.on_label_problem", str, "drop, error or fix"),
     "--precision": ("precision", str, "auto, bf16, fp16 or fp32"),
     "--guard-policy": ("guard.policy", str, "skip, rollback or halt"),
+    "--deepspeed": ("deepspeed", str, "DeepSpeed JSON config (ZeRO stage 1-3); launch with "
+                                      "torchrun, deepspeed or accelerate launch"),
 }
 SWITCHES: dict[str, tuple[str, bool, str]] = {
     "--resume": ("resume", True, "continue from the newest checkpoint in --output-dir"),

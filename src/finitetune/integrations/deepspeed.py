@@ -51,7 +51,8 @@ from finitetune.guard.policy import Action, StepOutcome
 from finitetune.guard.snapshot import Snapshot
 from finitetune.guard.stats import GRAD_FIELDS, GradStats, acc_dtype
 
-__all__ = ["SEAMS", "TESTED", "ZeroGradStats", "ZeroGuard", "ZeroSeam", "check", "make_guard"]
+__all__ = ["SEAMS", "TESTED", "ZeroGradStats", "ZeroGuard", "ZeroSeam", "check", "load_config",
+           "make_guard"]
 
 logger = logging.getLogger("finitetune.guard")
 
@@ -72,6 +73,37 @@ SEAMS: dict[str, tuple[str, ...]] = {
                         "gradient_clipping", "skipped_steps"),
 }
 """Attributes of DeepSpeed objects the guard reads or wraps, per class (checked at start-up)."""
+
+
+def load_config(path: str, *, cuda: bool) -> dict[str, Any]:
+    """Read and check a DeepSpeed JSON config for ``finitetune train --deepspeed`` (before
+    anything is written). Without CUDA it also selects DeepSpeed's CPU accelerator
+    (``DS_ACCELERATOR=cpu``), which it would otherwise not pick for a gloo run.
+
+    Raises:
+        ConfigError: the file is missing or not JSON (with the line), or its ZeRO stage is not
+            1, 2 or 3.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--deepspeed {path}: no such file (a DeepSpeed JSON config)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"--deepspeed {path}{where}: not a JSON file ({exc})") from None
+    stage = (config.get("zero_optimization") or {}).get("stage", 0) if isinstance(
+        config, dict) else None
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"--deepspeed {path}: zero_optimization.stage is {stage!r}; the "
+                          "gradient guard runs under ZeRO stage 1, 2 or 3")
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return config
 
 
 def engine_of(trainer: Any) -> Any:
