@@ -55,7 +55,7 @@ def _ns(opts: dict) -> argparse.Namespace:
 # --------------------------------------------------------------------------- DeepSpeed
 
 
-def _ds_run(opts: dict, stage: int, out_dir: str, perturb: bool) -> dict:
+def _ds_run(opts: dict, stage: int, out_dir: str, perturb: bool, dtype: str = "bf16") -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -68,7 +68,11 @@ def _ds_run(opts: dict, stage: int, out_dir: str, perturb: bool) -> dict:
     cpu = a.device == "cpu"
     ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
           "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "bf16": {"enabled": True, "check_grad_overflow": False}}
+          "gradient_clipping": "auto"}
+    if dtype == "bf16":
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
+    else:  # dynamic loss scale: overflows while it calibrates are skips too
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
     model = build_model(a)
     decisions: list[tuple] = []
     guard_cb = GuardCallback(GuardConfig(rank_check_every=3))
@@ -85,7 +89,8 @@ def _ds_run(opts: dict, stage: int, out_dir: str, perturb: bool) -> dict:
     targs = TrainingArguments(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=a.sizes["batch"],
         learning_rate=a.lr, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=cpu, bf16=True, disable_tqdm=True, seed=0,
+        save_strategy="no", report_to=[], use_cpu=cpu, bf16=dtype == "bf16",
+        fp16=dtype == "fp16", disable_tqdm=True, seed=0,
         remove_unused_columns=False, train_sampling_strategy="sequential", deepspeed=ds)
     trainer = Trainer(model=model, args=targs, callbacks=[guard_cb, Watch()],
                       train_dataset=synthetic_data(a, steps * a.sizes["batch"] * ws))
@@ -128,6 +133,18 @@ def phase_deepspeed(a: argparse.Namespace, res: Any) -> None:
                 f"rank (same decisions: {same}); DeepSpeed skipped_steps = guard count: {counts}; "
                 f"weights finite: {all(r['finite'] for r in rs)}; events "
                 f"{[(e['step'], e['reason']) for e in events]}", ok)
+    if a.device == "cuda":  # no fp16 under DeepSpeed's CPU accelerator
+        with tempfile.TemporaryDirectory(dir=a.workdir) as out:
+            rs = run_distributed(_ds_run, opts, 2, out, False, "fp16", world_size=n,
+                                 backend=backend, timeout=TIMEOUT)
+        c = rs[0]["counters"]
+        ok = all(r["decisions"] == rs[0]["decisions"] for r in rs) and all(
+            r["finite"] and r["skipped_steps"] == r["counters"]["skipped"] for r in rs) \
+            and c["nonfinite"] == 0 and c["skipped"] == c["scaler_overflows"] >= 1
+        res.add(f"DeepSpeed ZeRO-2 fp16 (dynamic loss scale), {n} rank(s)",
+                f"skipped {c['skipped']} (all counted as loss-scale calibration: "
+                f"{c['scaler_overflows']}, faults {c['nonfinite']}); DeepSpeed skipped_steps "
+                f"{rs[0]['skipped_steps']}; weights finite: {rs[0]['finite']}", ok)
     if n < 2:
         res.add("DeepSpeed rank_mismatch", "skipped: needs 2+ GPUs", None)
         return
