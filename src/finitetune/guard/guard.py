@@ -47,9 +47,8 @@ from finitetune.guard.policy import (
     SpikeDetector,
     StepOutcome,
     StepStats,
-    decide,
 )
-from finitetune.guard.rank_check import RankCheck, resolve
+from finitetune.guard.rank_check import RankCheck
 from finitetune.guard.snapshot import Snapshot, backoff_lr
 from finitetune.guard.stats import GradStats, LossAccumulator
 
@@ -125,9 +124,6 @@ class Guard:
         self._pinned_run = 0
         self._last_norm: float | None = None
         self._loss = LossAccumulator()
-        self.rank_check = RankCheck(self.config)
-        """Cross-rank consistency (:mod:`~finitetune.guard.rank_check`): set from the detected
-        layout by :meth:`refresh_params`; integrations that know better call its ``configure``."""
         self.refresh_params()
 
     # ---- parameters -------------------------------------------------------------------------
@@ -143,9 +139,7 @@ class Guard:
         self._grad_replicas = distributed.grad_replicas(self.model, params)
         self.replicated_grads = self._grad_replicas is None
         self._grad_stats = GradStats(params)
-        # DDP / one process: gradients and parameters are replicas; shards are not compared
-        self.rank_check.configure(grads=self.replicated_grads,
-                                  params=params if self.replicated_grads else None)
+        self.rank_check = RankCheck.for_layout(self.config, self.replicated_grads, params)
         self._snapshot = (Snapshot(params, self.inner_optimizer)
                           if self.config.needs_snapshots else None)
         self._n_opt_params = self._count_opt_params()
@@ -232,15 +226,15 @@ class Guard:
                                                   self._grad_stats.dtype, device)
                      if self.scaler is not None else None)
         ws = distributed.world_size()
-        rc = self.rank_check.slots(grad_vec, step) if self.rank_check.active else None
         # COLLECTIVE (distributed only): the step's one all-reduce; SUM, so counts stay exact
         # and a NaN on any rank reaches every rank. Afterwards all ranks hold the same numbers.
         packed = distributed.all_reduce_sum_(
-            step_vector.pack(grad_vec, self._loss.packed(device), found_inf, ws, rc))
+            step_vector.pack(grad_vec, self._loss.packed(device), found_inf, ws,
+                             self.rank_check.slots(grad_vec, step)))
         if not self.replicated_grads:  # shards: the clip norm is the global one, on device
             clip_norm = (packed[0] / self._grad_div()).sqrt().to(clip_norm.dtype)
         values = packed.tolist()  # HOST SYNC: the one read of device values per optimizer step
-        values, ranks, rc_values = step_vector.split(values, ws, 0 if rc is None else rc.numel())
+        values, ranks, rc_values = step_vector.split(values, ws, self.rank_check.width)
         # an inf per-tensor norm (fault path only): one more COLLECTIVE + HOST SYNC in there
         stats, clip_value = step_vector.read_stats(
             values, grad_div=self._grad_div(), replicated_grads=self.replicated_grads,
@@ -248,10 +242,7 @@ class Guard:
         signals = self._signals(stats)
         ctx = PolicyContext(self.counters["consecutive_skips"], self.counters["rollbacks"],
                             self._snapshot is not None and self._snapshot.exists)
-        decision = decide(stats, signals, ctx, self.config)
-        if rc is not None:  # ranks that should agree and do not (same verdict on every rank)
-            decision = resolve(decision, self.rank_check.compare(rc_values, step), ctx,
-                               self.config)
+        decision = self.rank_check.decide(stats, signals, ctx, rc_values, step)
         outcome = self._outcome(step, decision, stats, clip_value)
         extra = None
         if not outcome.applied and self.on_fault is not None:

@@ -31,7 +31,15 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from finitetune.config import GuardConfig, RankMismatchAction
 from finitetune.guard import distributed
-from finitetune.guard.policy import Action, Decision, PolicyContext, Reason
+from finitetune.guard.policy import (
+    Action,
+    Decision,
+    PolicyContext,
+    Reason,
+    Signals,
+    StepStats,
+    decide,
+)
 
 __all__ = ["RankCheck", "odd_ranks", "resolve"]
 
@@ -50,13 +58,23 @@ class RankCheck:
     """
 
     def __init__(self, config: GuardConfig) -> None:
+        self.config = config
         self.every = int(config.rank_check_every)
         self.tolerance = float(config.rank_tolerance)
         self.grads = False
         self.params: list[torch.Tensor] | None = None
         self._groups: list[tuple[torch.dtype, list[torch.Tensor]]] = []
 
-    def configure(self, *, grads: bool, params: list[torch.Tensor] | None) -> None:
+    @classmethod
+    def for_layout(cls, config: GuardConfig, replicated: bool, params: list[torch.Tensor]
+                   ) -> RankCheck:
+        """The check for a layout the guard detected: DDP (replicated) compares gradient norms
+        and checksums ``params``; shards (FSDP2) compare nothing."""
+        check = cls(config)
+        check.configure(replicated, params if replicated else None)
+        return check
+
+    def configure(self, grads: bool, params: list[torch.Tensor] | None) -> None:
         """Say what is replicated across ranks (gradients; which parameters)."""
         self.grads = bool(grads)
         self.params = list(params) if params else None
@@ -71,16 +89,24 @@ class RankCheck:
         return self.every > 0 and distributed.world_size() > 1 and (
             self.grads or self.params is not None)
 
+    @property
+    def width(self) -> int:
+        """Slots this check adds to the packed vector (0 when inactive)."""
+        return 2 * distributed.world_size() if self.active else 0
+
     def checksum_due(self, step: int) -> bool:
         """Parameter checksum on this step (the same answer on every rank: steps agree)."""
         return self.params is not None and self.every > 0 and step % self.every == 0
 
-    def slots(self, grad_vec: torch.Tensor, step: int) -> torch.Tensor:
-        """``[local grad sq per rank | param checksum per rank]`` for this rank, on the device.
+    def slots(self, grad_vec: torch.Tensor, step: int) -> torch.Tensor | None:
+        """``[local grad sq per rank | param checksum per rank]`` for this rank, on the device
+        (None when inactive).
 
         ``grad_vec``: the guard's local gradient statistics (its first field is this rank's
         squared gradient norm). No host sync; the checksum pass only on :meth:`checksum_due`.
         """
+        if not self.active:
+            return None
         zero = torch.zeros((), dtype=grad_vec.dtype, device=grad_vec.device)
         grad_sq = grad_vec[0] if self.grads else zero
         checksum = self.checksum(grad_vec.device, grad_vec.dtype) if self.checksum_due(step) \
@@ -97,6 +123,15 @@ class RankCheck:
             norms = torch.stack(torch._foreach_norm(tensors, 2.0, dtype=wide))
             total = total + norms.to(device=device, dtype=dtype).square().sum()
         return total
+
+    def decide(self, stats: StepStats, signals: Signals, ctx: PolicyContext, slots: list[float],
+               step: int) -> Decision:
+        """The step's decision (:func:`~finitetune.guard.policy.decide`) with this step's
+        mismatch, if the reduced ``slots`` show one, folded in (:func:`resolve`)."""
+        decision = decide(stats, signals, ctx, self.config)
+        if not slots:
+            return decision
+        return resolve(decision, self.compare(slots, step), ctx, self.config)
 
     def compare(self, slots: list[float], step: int) -> dict[str, Any] | None:
         """The mismatch this step's reduced slots show, or None. Same result on every rank."""

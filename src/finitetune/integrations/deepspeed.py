@@ -48,6 +48,7 @@ from finitetune.errors import ConfigError, NonFiniteHalt
 from finitetune.guard import distributed
 from finitetune.guard.guard import Guard
 from finitetune.guard.policy import Action, StepOutcome
+from finitetune.guard.rank_check import RankCheck
 from finitetune.guard.snapshot import Snapshot
 from finitetune.guard.stats import GRAD_FIELDS, GradStats, acc_dtype
 
@@ -270,7 +271,8 @@ class ZeroGuard(Guard):
         self._snapshot = (Snapshot(params, self.inner_optimizer)
                           if self.config.needs_snapshots else None)
         self._n_opt_params = self._count_opt_params()
-        self.rank_check.configure(grads=False, params=self.replicas)
+        self.rank_check = RankCheck(self.config)
+        self.rank_check.configure(False, self.replicas)
 
 
 def make_guard(trainer: Any, config: GuardConfig, *, output_dir: Any, on_fault: Any) -> ZeroGuard:
