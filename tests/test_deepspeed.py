@@ -294,3 +294,89 @@ def test_what_cannot_work_under_a_stage_stops_at_start_up(tmp_path):
     assert r0 == r1
     assert "ZeRO-3" in r0["zero3_rollback"] and "rollback" in r0["zero3_rollback"]
     assert "gradient_clipping" in r0["clip_mismatch"]
+
+
+# --------------------------------------------------------------------------- rollback, ZeRO-2
+
+
+def _zero2_rollback(out_dir: str) -> dict:
+    from finitetune import GuardCallback, GuardConfig
+
+    rank = dist.get_rank()
+    kept: dict = {}
+    guard_cb = GuardCallback(GuardConfig(policy="rollback"))
+
+    class Keep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (1, BAD_STEP):  # ZeRO-2: no collective in _state
+                kept[state.global_step] = _state(trainer, 2)
+
+    trainer = _trainer(out_dir, 2, _rows(), 4, [guard_cb, Keep()])
+    fault = GradFault(trainer.model, FAULT_PARAM, at={BAD_STEP}) if rank == 1 else None
+    trainer.train()
+    before, after = kept[1], kept[BAD_STEP]
+    return {"fired": fault.fired if fault else [], "counters": dict(guard_cb.guard.counters),
+            "diff": _diff({k: v for k, v in before.items() if k != "lr"},
+                          {k: v for k, v in after.items() if k != "lr"}),
+            "lr_ratio": (after["lr"] / before["lr"]).tolist(),
+            "skipped_steps": trainer.model_wrapped.skipped_steps}
+
+
+def test_zero2_rollback_restores_master_weights_and_the_model_copy(tmp_path):
+    """Rollback under ZeRO-2 (refused under ZeRO-3): the NaN step 3 restores the last good
+    snapshot (the state before step 2, i.e. after step 1): fp32 master partitions, optimizer
+    state and, through DeepSpeed's all-gather, the model's own weights, bit for bit; the LR is
+    multiplied by ``lr_backoff``; DeepSpeed counts the step as skipped."""
+    r0, r1 = run_distributed(_zero2_rollback, str(tmp_path), timeout=TIMEOUT)
+    assert r1["fired"] == [BAD_STEP]
+    for r in (r0, r1):
+        assert r["diff"] == [], r["diff"]
+        assert r["lr_ratio"] == [0.5] * len(r["lr_ratio"])
+        assert r["counters"]["rollbacks"] == 1 and r["skipped_steps"] == 1
+
+
+# --------------------------------------------------------------------------- finitetune train
+
+
+def test_finitetune_train_deepspeed_zero2_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 -m finitetune train --deepspeed ZERO2.json`` (CPU, gloo):
+    trains, the guard's counters reach the logs, rank 0 writes one consistent run directory;
+    a config that is not JSON stops with exit 2 before anything is written."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from finitetune.testing import free_port
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    torchrun = str(torchrun) if torchrun.exists() else shutil.which("torchrun")
+    cfg = tmp_path / "zero2.json"
+    cfg.write_text(json.dumps(_ds_config(2, False, None)))
+    out = tmp_path / "run"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), "-m", "finitetune", "train", "--model", "tiny", "--max-steps", "3",
+           "--logging-steps", "1", "--eval-size", "20", "--deepspeed", str(cfg),
+           "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail(f"torchrun train --deepspeed did not finish within {TIMEOUT} s")
+    assert proc.returncode == 0, text[-3000:]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert "'guard/skipped': '0'" in text  # the guard ran inside DeepSpeed's step
+    assert (out / "final").is_dir() and (out / "eval.json").is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2},\n oops}')
+    out2 = tmp_path / "run2"
+    done = subprocess.run([sys.executable, "-m", "finitetune", "train", "--model", "tiny",
+                           "--deepspeed", str(bad), "--output-dir", str(out2)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "bad.json, line 2" in done.stderr, done.stderr[-2000:]
+    assert not out2.exists()
