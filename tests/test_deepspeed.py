@@ -190,8 +190,12 @@ def _check_nan_run(tmp_path, r0: dict, r1: dict) -> None:
               .splitlines()]
     assert [(e["step"], e["reason"], e["action"], e["world_size"]) for e in events] == [
         (BAD_STEP, "nonfinite_grad", "skip", 2)]
-    # the rank whose gradient *partition* held the NaN after ZeRO's reduction
-    assert len(events[0]["nonfinite_grad_ranks"]) == 1
+    # the rank whose gradient *partition* held the NaN after ZeRO's reduction, and the
+    # parameter named from that partition (the model's own .grad is empty under ZeRO)
+    (owner,) = events[0]["nonfinite_grad_ranks"]
+    per_rank = {p["rank"]: p for p in events[0]["per_rank"]}
+    assert per_rank[owner]["nonfinite_params"] == [FAULT_PARAM]
+    assert per_rank[1 - owner]["nonfinite_params"] == []
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
