@@ -24,6 +24,7 @@ checks, which already name the ranks that saw them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -66,22 +67,23 @@ class RankCheck:
         self._groups: list[tuple[torch.dtype, list[torch.Tensor]]] = []
 
     @classmethod
-    def for_layout(cls, config: GuardConfig, replicated: bool, params: list[torch.Tensor]
-                   ) -> RankCheck:
+    def for_layout(cls, config: GuardConfig, replicated: bool,
+                   params: Sequence[torch.Tensor]) -> RankCheck:
         """The check for a layout the guard detected: DDP (replicated) compares gradient norms
         and checksums ``params``; shards (FSDP2) compare nothing."""
         check = cls(config)
         check.configure(replicated, params if replicated else None)
         return check
 
-    def configure(self, grads: bool, params: list[torch.Tensor] | None) -> None:
+    def configure(self, grads: bool, params: Sequence[torch.Tensor] | None) -> None:
         """Say what is replicated across ranks (gradients; which parameters)."""
         self.grads = bool(grads)
         self.params = list(params) if params else None
         self._groups = []
         if self.params:
             grouped = _group_tensors_by_device_and_dtype([[p.detach() for p in self.params]])
-            self._groups = [(dtype, tensors) for (_, dtype), ([tensors], _) in grouped.items()]
+            self._groups = [(dtype, [t for t in tensors if t is not None])
+                            for (_, dtype), ([tensors], _) in grouped.items()]
 
     @property
     def active(self) -> bool:

@@ -67,8 +67,10 @@ class ZeroGradStats(GradStats):
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._grads = []
         grads = [g for _, g in self.partition_grads()]
-        norms = []
-        for (device, dtype), ([tensors], _) in _group_tensors_by_device_and_dtype([grads]).items():
+        norms: list[torch.Tensor] = []
+        grouped = _group_tensors_by_device_and_dtype([list(grads)])
+        for (device, dtype), ([found], _) in grouped.items():
+            tensors = [t for t in found if t is not None]
             wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
             norms.append(torch.stack(torch._foreach_norm(tensors, 2.0, dtype=wide))
                          .to(self.device))

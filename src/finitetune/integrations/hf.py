@@ -167,6 +167,7 @@ class GuardCallback(TrainerCallback, ExportableState):
         optimizer = trainer.optimizer
         max_norm = self.config.max_grad_norm
         scaler = getattr(optimizer, "scaler", None)
+        guard: Guard
         if getattr(trainer, "is_deepspeed_enabled", False):  # the decision inside ZeRO's step
             from finitetune.integrations import deepspeed
 
@@ -191,7 +192,8 @@ class GuardCallback(TrainerCallback, ExportableState):
         if getattr(trainer, "is_deepspeed_enabled", False):
             from finitetune.integrations.deepspeed import ZeroSeam
 
-            self._seam = ZeroSeam(trainer, guard, lambda e: setattr(trainer, _HALT_ATTR, e))
+            self._seam: Any = ZeroSeam(trainer, guard,  # type: ignore[arg-type]  # a ZeroGuard
+                                       lambda e: setattr(trainer, _HALT_ATTR, e))
             self._seam.install()
         else:
             self._install(trainer, optimizer)
@@ -295,7 +297,8 @@ class GuardCallback(TrainerCallback, ExportableState):
         setattr(obj, name, value)
 
     def _uninstall(self) -> None:
-        seam, self._seam = getattr(self, "_seam", None), None
+        seam = getattr(self, "_seam", None)
+        self._seam = None
         if seam is not None:
             seam.uninstall()
         for obj, name, old in reversed(self._patches):
