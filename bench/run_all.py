@@ -52,6 +52,7 @@ BENCHES = [
           "50k examples instead of 100k: the ratio is per example, the time halves"),
     Bench("loss", "bench.bench_loss", []),  # default size: the README's 0.33x is stated for it
     Bench("report", "bench.bench_report", []),
+    Bench("rank_check", "bench.bench_rank_check", []),
     Bench("tiny", "bench.bench_demo", ["--model", "tiny"]),
     Bench("demo", "bench.bench_demo", []),
 ]
@@ -82,6 +83,7 @@ LOSS = "causal_lm_loss vs transformers ForCausalLMLoss"
 REPORT = "Health report: parse of a noisy console log"
 DEMO = "Demo: SmolLM2-135M LoRA on BBC topics (issue 2)"
 TINY = "Tiny model on its generated task (issue 2)"
+RANK = "Cross-rank consistency check cost (issue 16)"
 
 TARGETS = [
     Target("gradient guard", "Trainer step time, guarded / unguarded", GUARD,
@@ -94,6 +96,9 @@ TARGETS = [
     Target("gradient guard", "host syncs added per optimizer step (GA 1 and 4)", SYNCS,
            r"\| gradient accumulation \d+ \|[^|]*\|[^|]*\|\s*\*\*([\d.]+)\*\*", "<=", 1.0,
            "DESIGN §6: at most one scalar host sync"),
+    Target("cross-rank check", "its cost on healthy steps at the default interval / step",
+           RANK, r"\| total at the default interval / step \|\s*\*\*([\d.]+)%", "<=", 1.0,
+           "issue 16 (DDP, 2 gloo ranks; timed inside the step)", "%"),
     Target("label validation", "validation / tokenisation (list of dicts)", LABELS,
            r"\| validate \(list of dicts\) / tokenise \|\s*([\d.]+)", "<=", 0.10, "issue 3"),
     Target("label validation", "validation / tokenisation (datasets.Dataset)", LABELS,
