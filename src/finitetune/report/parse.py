@@ -56,6 +56,9 @@ class ParsedLog:
     labels: dict[str, Any] | None = None
     vocab_size: int | None = None
     max_grad_norm: float | None = None
+    status: dict[str, Any] | None = None
+    """A finitetune run's ``status.json``: ``state`` (running/completed/halted/failed), ``step``,
+    ``error``. A failed or halted run is never healthy."""
     lines: int = 0
     notes: list[str] = field(default_factory=list)
 

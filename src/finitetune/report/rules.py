@@ -90,7 +90,7 @@ def diagnose(c: Context) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for rule in (_hidden_nan_loss, _nan_loss, _nonfinite_grad, _first_loss, _zero_lr,
                  _zero_loss, _zero_grad, _pinned_norm, _spikes, _trend, _guard, _eval, _labels,
-                 _empty):
+                 _empty, _run_status):
         out.extend(rule(c))
     handled = _handled_steps(c)
     for finding in out:
@@ -385,4 +385,25 @@ def _labels(c: Context) -> list[dict[str, Any]]:
 def _empty(c: Context) -> list[dict[str, Any]]:
     if not c.steps:
         return [_f("no_steps", "warning", "No training step was logged")]
+    return []
+
+
+def _run_status(c: Context) -> list[dict[str, Any]]:
+    """A finitetune run that failed or halted is unhealthy whatever its logged steps show;
+    one still marked running did not finish (or is still going): a warning."""
+    status = c.log.status or {}
+    state, step = status.get("state"), status.get("step")
+    error = str(status.get("error") or "no error recorded").strip().splitlines()[0][:200]
+    where = f"step {step}" if isinstance(step, int) else "an unknown step"
+    halt_event = any("halt" in str(e.get("action") or "") for e in c.log.events)
+    if state == "failed" or (state == "halted" and not halt_event):  # else _guard says it
+        return [_f(f"run_{state}", "critical", f"{state.upper()} at {where}: {error}",
+                   "The run stopped before it finished; status.json records why. Its logged "
+                   "steps cannot make it healthy.",
+                   "the error above; `finitetune explain` for the guard's events.")]
+    if state == "running":
+        return [_f("run_unfinished", "warning",
+                   f"The run did not finish: status.json says running (last recorded {where})",
+                   "Either it is still training, or its process was killed.",
+                   "whether the process is alive; `finitetune train --resume` continues it.")]
     return []

@@ -50,6 +50,7 @@ def load_run_dir(path: str | os.PathLike) -> ParsedLog:
     log.events, log.notes = events.records, [*log.notes, *events.notes]
     log.eval = _read_json(path / run_files.EVAL, log)
     log.labels = _read_json(path / run_files.LABEL_REPORT, log)
+    log.status = _read_json(path / run_files.STATUS, log)
     _read_config(path, log)
     return log
 

@@ -68,13 +68,12 @@ def run_verify(
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
         raise ConfigError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
-    root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
-    if output_dir and root.exists() and any(root.iterdir()):
-        if not (root / "verify.json").exists() and not (root / "minimal").exists():
-            raise ConfigError(f"{root} is not empty and not a previous verify output; choose "
-                              "another --output-dir")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if output_dir:  # only a directory verify created itself (its marker) is replaced
+        from finitetune.output_paths import prepare_output_dir
+
+        root = prepare_output_dir(output_dir, "--output-dir", "finitetune verify", replace=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
 
     def say(text: str = "") -> None:
         if not as_json:
