@@ -98,10 +98,10 @@ def check_event(event: dict[str, Any], where: str) -> None:
         items = _ITEMS.get(key)
         if not bad and items is not None:
             bad = any(not isinstance(v, items) or isinstance(v, bool) for v in value)
-        replays = (value.get("replays") if key == "attribution" else None) or []
-        if key == "attribution" and (not isinstance(replays, list)
-                                     or any(not isinstance(r, dict) for r in replays)):
-            bad, what = True, "an object whose 'replays' is a list of objects"
+        if not bad and key == "attribution":
+            replays = value.get("replays") or []
+            if not isinstance(replays, list) or any(not isinstance(r, dict) for r in replays):
+                bad, what = True, "an object whose 'replays' is a list of objects"
         if bad:
             raise ReportInputError(f"{where}: field {key!r} is {json.dumps(value)[:80]}, "
                                    f"expected {what}; was the file edited?")

@@ -68,10 +68,14 @@ def run_verify(
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
         raise ConfigError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
-    if output_dir:  # only a directory verify created itself (its marker) is replaced
-        from finitetune.output_paths import prepare_output_dir
+    from finitetune.output_paths import check_output_dir, prepare_output_dir
 
-        root = prepare_output_dir(output_dir, "--output-dir", "finitetune verify", replace=True)
+    # only a directory verify created itself (its marker) is replaced; it is checked now and
+    # made once the model and data have loaded, so a bad input writes nothing
+    owned = {"created_by": "finitetune verify", "replace": True}
+    if output_dir:
+        check_output_dir(output_dir, "--output-dir", **owned)
+        root = Path(output_dir)
     else:
         root = Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
 
@@ -87,6 +91,8 @@ def run_verify(
         need = max(STEPS, LR_STEPS, steps) * BATCH
         with quiet():
             setup = prepare_setup(model, data=data, rows_needed=need)
+        if output_dir:
+            prepare_output_dir(output_dir, "--output-dir", **owned)
         with quiet(setup.threads):
             say(f"finitetune verify: {model} ({setup.n_params / 1e6:.1f}M params, vocab "
                 f"{setup.vocab_size}) on {setup.task}; batch {BATCH}, CPU, "
