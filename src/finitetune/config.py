@@ -270,6 +270,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         validate(self)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (enums as their values); ``DataConfig(**d)`` rebuilds it."""
+        return _plain(dataclasses.asdict(self))
+
 
 @dataclass
 class TrainConfig:
