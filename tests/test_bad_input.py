@@ -45,6 +45,8 @@ class Case:
     """A substring the message must NOT contain (advice for a flag the command lacks)."""
     root: bool = False
     """Needs root (device files)."""
+    nonroot: bool = False
+    """Needs an ordinary user (root may write anywhere; /dev/null would really be replaced)."""
 
 
 BASE = ("train --model {model} --data {data} --output-dir {w}/new-run --eval-size 8 "
@@ -182,6 +184,10 @@ OUTPUTS = {  # class 2: output paths
                                           "no checkpoint-* folder"),
     "out_verify_output_overwrite": Case(f"{B} --output-dir {{w}}/verify-out --overwrite",
                                         "was not created by finitetune train"),
+    "out_unwritable": Case(f"{B} --output-dir /proc/finitetune-test/run",
+                           "--output-dir /proc/finitetune-test/run: cannot"),
+    "out_read_only_dir": Case(f"{B} --output-dir {{w}}/readonly/run", "permission denied",
+                              nonroot=True),
     "out_device": Case(f"{B} --output-dir {{w}}/device", "is a character device", root=True),
     "report_o_directory": Case("report {w}/run -o {w}/user", "is a directory, not a regular "
                                "file"),
@@ -190,6 +196,10 @@ OUTPUTS = {  # class 2: output paths
     "report_o_dangling": Case("report {w}/run -o {w}/dangling", "is a symbolic link"),
     "report_o_under_file": Case("report {w}/run -o {w}/notes.txt/r.md", "not a directory"),
     "report_o_device": Case("report {w}/run -o {w}/device", "is a character device", root=True),
+    "report_o_dev_null": Case("report {w}/run -o /dev/null", "/dev/null is a character "
+                              "device", nonroot=True),
+    "report_o_read_only": Case("report {w}/run -o {w}/readonly/r.md", "permission denied",
+                               nonroot=True),
     "verify_out_file": Case("verify --output-dir {w}/notes.txt", "is a regular file"),
     "verify_out_user": Case("verify --output-dir {w}/user", "was not created by finitetune "
                             "verify"),
@@ -402,6 +412,7 @@ def _workspace(w: Path, case: Case) -> dict[str, str]:
     os.symlink(w / "user", w / "link-to-user")
     os.symlink(w / "notes.txt", w / "link-to-notes")
     os.symlink(w / "nowhere", w / "dangling")
+    (w / "readonly").mkdir(mode=0o555)
     if IS_ROOT:
         os.mknod(w / "device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
     for name, content in case.files:
@@ -446,6 +457,8 @@ def test_bad_input_is_named_exit_2_and_changes_nothing(
     case = CASES[name]
     if case.root and not IS_ROOT:
         pytest.skip("device files need root to create")
+    if case.nonroot and IS_ROOT:
+        pytest.skip("root may write anywhere")
     w = tmp_path / "ws"
     w.mkdir()
     paths = _workspace(w, case)

@@ -76,7 +76,7 @@ def test_unknown_keys_suggest_the_closest_setting():
     with pytest.raises(UnknownSettingError, match=r"unknown setting 'learnig_rate' .*did you mean "
                                                   r"'learning_rate'"):
         build(TrainConfig, {"learnig_rate": 0.1})
-    with pytest.raises(UnknownSettingError, match="did you mean 'data.max_length'"):
+    with pytest.raises(UnknownSettingError, match=r"did you mean 'data\.max_length'"):
         build(TrainConfig, {"data": {"max_lenght": 3}})
 
 
@@ -124,3 +124,15 @@ def test_python_api_names_the_keyword(tmp_path):
     with pytest.raises(SettingError, match=r"data.max_length = '64' \(train\(data.max_length="):
         train(model="tiny", data={"max_length": "64"}, output_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_reliability_doc_lists_every_setting_with_its_range():
+    from pathlib import Path
+
+    from finitetune.validation import settings_table
+
+    doc = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    missing = [f"| `{name}` | {what} |" for name, what in settings_table(TrainConfig)
+               if f"| `{name}` | {what} |" not in doc]
+    assert missing == [], "add these rows to the settings table in docs/reliability.md:\n" + \
+        "\n".join(missing)

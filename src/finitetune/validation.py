@@ -308,3 +308,15 @@ def unknown_setting(cls: type, key: Any, prefix: str = "") -> UnknownSettingErro
 def rules_of(cls: type) -> dict[str, Rule | None]:
     """Field name -> rule (None for a field declared without one; a test forbids that)."""
     return {f.name: f.metadata.get(RULE) for f in dataclasses.fields(cls)}
+
+
+def settings_table(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted name, what it accepts) for every setting of ``cls`` and its sections: the
+    table ``docs/reliability.md`` shows, generated from the rules themselves."""
+    rows: list[tuple[str, str]] = []
+    for name, rule in rules_of(cls).items():
+        if isinstance(rule, Section):
+            rows += settings_table(rule.cls, f"{prefix}{name}.")
+        elif rule is not None:
+            rows.append((f"{prefix}{name}", rule.expected))
+    return rows
