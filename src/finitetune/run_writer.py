@@ -1,9 +1,11 @@
 """The run directory: made once, written as things happen, complete even after a failure.
 
 Rank 0 alone writes here. What goes in it is listed in the README ("The run directory"):
-``config.yaml`` and ``label_report.json`` before training, ``metrics.jsonl``/``events.jsonl``
-line by line during it, ``final/``, ``eval.json`` and the three reports at the end (also
-when training stopped early).
+the owner marker first (only a directory carrying it is ever replaced or resumed; see
+:mod:`finitetune.output_paths`), ``status.json``, ``config.yaml`` and ``label_report.json``
+before training, ``metrics.jsonl``/``events.jsonl`` line by line during it, ``final/`` (only
+from a model that trained), ``eval.json``, the final ``status.json`` and the three reports at
+the end (also when training stopped early).
 """
 
 from __future__ import annotations
