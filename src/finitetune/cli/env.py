@@ -52,12 +52,13 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     import torch
 
     from finitetune.precision import FP16_MAX, choose_precision, describe_device
+    from finitetune.precision_probe import call_or_default
 
     report: dict[str, Any] = {
         "versions": versions(),
         "platform": platform.platform(),
         "torch_build": {"cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
-                        "cudnn": _safe(torch.backends.cudnn.version),
+                        "cudnn": call_or_default(torch.backends.cudnn.version),
                         "threads": torch.get_num_threads()},
     }
     try:
@@ -68,8 +69,8 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     report["device"] = {
         "type": info.type, "name": info.name, "detail": info.detail,
         "cuda_available": torch.cuda.is_available(),
-        "cuda_devices": _safe(torch.cuda.device_count, default=0),
-        "mps_available": bool(_safe(torch.backends.mps.is_available, default=False)),
+        "cuda_devices": call_or_default(torch.cuda.device_count, default=0),
+        "mps_available": bool(call_or_default(torch.backends.mps.is_available, default=False)),
         "dtypes": {
             "fp32": "yes",
             "bf16": ("native" if info.bf16_native else "emulated (slower than fp32)")
@@ -100,13 +101,6 @@ def _load_model(name: str, trust_remote_code: bool = False) -> Any:
 
     return load_model(resolve_model(name), trust_remote_code=trust_remote_code,
                       remote_code_flag="--trust-remote-code")
-
-
-def _safe(fn: Any, default: Any = None) -> Any:
-    try:
-        return fn()
-    except Exception:  # a probe that fails is reported as unknown, never crashes the report
-        return default
 
 
 def render(report: dict[str, Any]) -> str:
