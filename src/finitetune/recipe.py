@@ -39,11 +39,9 @@ from finitetune.run_writer import (
     check_output_dir,
     default_output_dir,
     make_run_dir,
+    record_outcome,
     save_final,
     trim_after_checkpoint,
-    write_eval,
-    write_reports,
-    write_status,
 )
 
 log = logging.getLogger("finitetune")
@@ -227,22 +225,9 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
                        max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
                        template=cfg.data.template)
-    state, error = run_files.RunState.FAILED, None
-    try:
-        result = _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
-                                     eval_kwargs, result, args, resume_from)
-        state = run_files.RunState.COMPLETED
-    except NonFiniteHalt as exc:
-        state, error = run_files.RunState.HALTED, str(exc)
-        raise
-    except BaseException as exc:  # recorded, then re-raised: the status must say it failed
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise
-    finally:
-        if main:
-            write_eval(out, result)
-            write_status(out, state, result.global_step, error)
-            write_reports(out)
+    with record_outcome(out, result, write=main):  # status, eval and reports, also on failure
+        _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
+                            eval_kwargs, result, args, resume_from)
     return result
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 
 from finitetune import output_paths, run_files
 from finitetune.config import TrainConfig
-from finitetune.errors import ConfigError
+from finitetune.errors import ConfigError, NonFiniteHalt
 from finitetune.jsonio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("finitetune")
@@ -49,6 +50,28 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return output_paths.prepare_output_dir(default_output_dir(cfg), "--output-dir",
                                            "finitetune train", resume=cfg.resume,
                                            replace=cfg.overwrite, busy_hint=_BUSY)
+
+
+@contextlib.contextmanager
+def record_outcome(out: Path, result: Any, write: bool = True) -> Iterator[None]:
+    """Around training: afterwards (also after an exception, which is re-raised) write
+    ``eval.json``, ``status.json`` (completed / halted / failed, the step, the error) and the
+    reports, so a run that stopped says so. ``write``: False on ranks other than 0."""
+    state, error = run_files.RunState.FAILED, None
+    try:
+        yield
+        state = run_files.RunState.COMPLETED
+    except NonFiniteHalt as exc:
+        state, error = run_files.RunState.HALTED, str(exc)
+        raise
+    except BaseException as exc:  # recorded, then re-raised: the status must say it failed
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise
+    finally:
+        if write:
+            write_eval(out, result)
+            write_status(out, state, result.global_step, error)
+            write_reports(out)
 
 
 def write_status(out: Path, state: run_files.RunState, step: int = 0,

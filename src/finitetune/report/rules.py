@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finitetune.report.parse import ParsedLog, is_accuracy
+from finitetune.report.run_status import run_status_findings
 
 STUCK_PATIENCE = 3
 """Consecutive entries of loss exactly 0.0 (or grad norm 0.0) before it counts as stuck."""
@@ -90,7 +91,7 @@ def diagnose(c: Context) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for rule in (_hidden_nan_loss, _nan_loss, _nonfinite_grad, _first_loss, _zero_lr,
                  _zero_loss, _zero_grad, _pinned_norm, _spikes, _trend, _guard, _eval, _labels,
-                 _empty, _run_status):
+                 _empty, run_status_findings):
         out.extend(rule(c))
     handled = _handled_steps(c)
     for finding in out:
@@ -387,23 +388,3 @@ def _empty(c: Context) -> list[dict[str, Any]]:
         return [_f("no_steps", "warning", "No training step was logged")]
     return []
 
-
-def _run_status(c: Context) -> list[dict[str, Any]]:
-    """A finitetune run that failed or halted is unhealthy whatever its logged steps show;
-    one still marked running did not finish (or is still going): a warning."""
-    status = c.log.status or {}
-    state, step = status.get("state"), status.get("step")
-    error = str(status.get("error") or "no error recorded").strip().splitlines()[0][:200]
-    where = f"step {step}" if isinstance(step, int) else "an unknown step"
-    halt_event = any("halt" in str(e.get("action") or "") for e in c.log.events)
-    if state == "failed" or (state == "halted" and not halt_event):  # else _guard says it
-        return [_f(f"run_{state}", "critical", f"{state.upper()} at {where}: {error}",
-                   "The run stopped before it finished; status.json records why. Its logged "
-                   "steps cannot make it healthy.",
-                   "the error above; `finitetune explain` for the guard's events.")]
-    if state == "running":
-        return [_f("run_unfinished", "warning",
-                   f"The run did not finish: status.json says running (last recorded {where})",
-                   "Either it is still training, or its process was killed.",
-                   "whether the process is alive; `finitetune train --resume` continues it.")]
-    return []
