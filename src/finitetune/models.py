@@ -204,8 +204,8 @@ def _materialise_smollm2() -> Path:
         str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
     )
     # A model that still carries its GGUF quantization config is refused by Trainer.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (nn.Module attribute typing)
+    setattr(model, "is_quantized", False)  # noqa: B010
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _save_atomically(target, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))

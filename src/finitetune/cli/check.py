@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if bad_pct > args.max_bad else 0
 
 
-def format_report(report, path: str) -> str:
+def format_report(report, path: str | None) -> str:
     from finitetune.data.labels import CAUSES, ERRORS, FIXES, REASONS
 
     lines = [f"{path}: {report.total} examples, {report.usable} usable, "

@@ -101,7 +101,7 @@ def run_verify(
             shutil.rmtree(root, ignore_errors=True)
 
 
-_OWNED = {"created_by": "finitetune verify", "replace": True}
+_CREATOR = "finitetune verify"
 """Only a directory verify created itself (its owner marker) is replaced."""
 
 
@@ -113,7 +113,7 @@ def _prepare_root(output_dir: str | None) -> Path:
         return Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
     from finitetune.output_paths import check_output_dir
 
-    check_output_dir(output_dir, "--output-dir", **_OWNED)
+    check_output_dir(output_dir, "--output-dir", created_by=_CREATOR, replace=True)
     return Path(output_dir)
 
 
@@ -132,7 +132,7 @@ def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], 
     if kept:
         from finitetune.output_paths import prepare_output_dir
 
-        prepare_output_dir(root, "--output-dir", **_OWNED)
+        prepare_output_dir(root, "--output-dir", _CREATOR, replace=True)
     with quiet(setup.threads):
         say(f"finitetune verify: {model} ({setup.n_params / 1e6:.1f}M params, vocab "
             f"{setup.vocab_size}) on {setup.task}; batch {BATCH}, CPU, "
