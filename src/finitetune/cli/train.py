@@ -52,8 +52,10 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--guard-policy": ("guard.policy", str, "skip, rollback or halt"),
 }
 SWITCHES: dict[str, tuple[str, bool, str]] = {
-    "--resume": ("resume", True, "continue from the newest checkpoint in --output-dir"),
-    "--overwrite": ("overwrite", True, "replace an existing run directory"),
+    "--resume": ("resume", True, "continue from the newest checkpoint in --output-dir (a run "
+                                 "directory finitetune train created)"),
+    "--overwrite": ("overwrite", True, "replace --output-dir if finitetune train created it "
+                                       "(never a folder of yours)"),
     "--trust-remote-code": ("trust_remote_code", True, "allow the model's own Python code"),
     "--no-eval-before": ("eval_before", False, "skip the baseline evaluation"),
     "--no-attribution": ("attribution", False, "no fault attribution (replay) after a bad step"),
