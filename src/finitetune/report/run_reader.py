@@ -13,22 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from finitetune import run_files
-from finitetune.errors import ReportInputError
 from finitetune.jsonio import decode_nonfinite
-from finitetune.report.parse import EXPECTED, Collector, ParsedLog, load_file
-
-
-def load_dir(path: Path) -> ParsedLog:
-    """A finitetune run directory, else a Trainer output dir (its newest trainer_state.json)."""
-    if run_files.is_run_dir(path):
-        return load_run_dir(path)
-    states = [path / run_files.TRAINER_STATE,  # then the newest checkpoint first
-              *(c / run_files.TRAINER_STATE for c in reversed(run_files.checkpoints(path)))]
-    for state in states:
-        if state.is_file():
-            return load_file(state)
-    raise ReportInputError(f"{path}: a directory without {run_files.METRICS} or "
-                           f"{run_files.TRAINER_STATE}; {EXPECTED}")
+from finitetune.report.records import Collector, ParsedLog
 
 
 def load_run_dir(path: str | os.PathLike) -> ParsedLog:
