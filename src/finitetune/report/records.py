@@ -126,8 +126,8 @@ class Collector:
         if "loss" in rec or "grad_norm" in rec:
             step = rec.get("step")
             if step is None or not math.isfinite(step):
-                self.stepless += 1
-                rec["step"] = float(len(self.records) + 1)
+                self.stepless += 1  # numbered after the previous entry
+                rec["step"] = self.records[-1]["step"] + 1 if self.records else 1.0
             self.records.append(rec)
             evals = {k: v for k, v in rec.items() if k.startswith("eval_")}
             if evals:  # "step 100: train loss 2.3, val loss 2.4" is both
@@ -148,8 +148,11 @@ class Collector:
         """Move what was collected into ``log`` (keeping its notes) and return it."""
         log.records, log.evals, log.summary = self.records, self.evals, self.summary
         log.events = [*log.events, *self.events]
-        if self.stepless:
+        if self.stepless == len(self.records) and self.stepless:
             log.notes.append("the log has no step numbers: steps are entry numbers 1, 2, 3...")
+        elif self.stepless:
+            log.notes.append(f"{self.stepless} entries without a step number were numbered "
+                             "after the entry before them")
         return log
 
 

@@ -35,7 +35,8 @@ def diagnose(c: Context) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for rule in (nonfinite.hidden_nan_loss, nonfinite.nan_loss, nonfinite.nonfinite_grad,
                  progress.first_loss, progress.zero_lr, progress.zero_loss, progress.zero_grad,
-                 progress.pinned_norm, progress.spikes, progress.trend, _guard, _events,
+                 progress.pinned_norm, progress.spikes, progress.trend, progress.loss_scale_zero,
+                 _guard, _events,
                  _eval_dropped, nonfinite.eval_nonfinite, _labels, _empty):
         out.extend(rule(c))
     handled = _handled_steps(c)

@@ -100,5 +100,6 @@ def where(hits: list[int], among: list[int], steps: list[float]) -> str:
     if tail == len(hits):
         return f"{text}, the last {tail} in a row" if tail > 1 else f"{text}: the last one"
     if len(hits) <= 3:
-        return f"{text} (steps {', '.join(fmt(steps[i]) for i in hits)})"
+        word = "step" if len(hits) == 1 else "steps"
+        return f"{text} ({word} {', '.join(fmt(steps[i]) for i in hits)})"
     return f"{text}, first at step {fmt(steps[hits[0]])}"

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from finitetune.report.rules.base import (
+    PERSIST_RUN,
     Context,
     bad,
     finding,
@@ -100,7 +101,8 @@ def nonfinite_grad(c: Context) -> list[dict[str, Any]]:
     steps = [c.steps[i] for i in hits]
     n = where(hits, have, c.steps)
     no_loss = all(c.loss[i] is None for i in have)
-    what = "grad norm (loss not logged)" if no_loss else "grad norm with a finite loss"
+    what = "grad norm" if no_loss else "grad norm with a finite loss"
+    unlogged = "; loss not logged" if no_loss else ""
     if persistent(bad_all, have):
         onset = _onset(bad_all, have)
         tail = have[len(have) - tail_run(bad_all, have):]
@@ -109,7 +111,7 @@ def nonfinite_grad(c: Context) -> list[dict[str, Any]]:
                      f"({tail_run(bad_all, have)} entries in a row): the onset, with the loss "
                      f"still finite ({c.loss[onset]:.4g}); every later entry is broken too")
         else:
-            title = f"Persistent non-finite {what} ({n})"
+            title = f"Persistent non-finite {what} on {n}{unlogged}"
         return [finding(
             "nonfinite_grad", "critical", title,
             "The forward pass is finite but the backward pass overflows: fp16's range ends at "
@@ -120,16 +122,21 @@ def nonfinite_grad(c: Context) -> list[dict[str, Any]]:
     if all(have.index(i) < early for i in hits) and finite(c.grad[have[-1]]):
         return [finding(
             "loss_scale_calibration", "info",
-            f"Non-finite {what} early on only ({n}), finite afterwards: the pattern of fp16 "
-            "loss-scale calibration",
+            f"Non-finite {what} early on only, finite afterwards: {n}{unlogged}; the pattern "
+            "of fp16 loss-scale calibration",
             "GradScaler starts with a large scale and halves it on each overflow, skipping that "
             "step: a few skips at the start are normal.", "", steps)]
-    if len(hits) == 1:
-        title = f"Non-finite {what} on one entry: {n}"
+    tail = tail_run(bad_all, have)
+    if tail and tail == len(bad_all):  # only at the end, fewer than PERSIST_RUN in a row
+        last = "the last entry" if tail == 1 else f"the last {tail} entries"
+        title = (f"Non-finite {what} on {last} (of {len(have)}){unlogged}; fewer than "
+                 f"{PERSIST_RUN} in a row, so not called persistent")
+    elif len(hits) == 1:
+        title = f"Non-finite {what} on one entry: {n}{unlogged}"
     else:
-        title = f"Intermittent non-finite {what} ({n})"
+        title = f"Intermittent non-finite {what} ({n}){unlogged}"
     return [finding(
-        "fp16_skip_pattern" if len(hits) > 1 else "nonfinite_grad", "warning", title,
+        "fp16_skip_pattern" if len(hits) > 1 and not tail else "nonfinite_grad", "warning", title,
         "With fp16 the GradScaler skips a step whose gradients overflow and lowers its scale; "
         "the logged norm is NaN/inf while the loss stays finite. Rare skips are harmless; "
         "skips that keep coming mean the gradients overflow fp16 itself. Without fp16, a "

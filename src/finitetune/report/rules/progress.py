@@ -6,7 +6,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from finitetune.report.rules.base import Context, Opt, finding, finite, fmt, runs
+from finitetune.report.rules.base import (
+    Context,
+    Opt,
+    finding,
+    finite,
+    fmt,
+    persistent,
+    runs,
+    where,
+)
 from finitetune.robust_stats import robust_scale
 
 STUCK_PATIENCE = 3
@@ -188,3 +197,19 @@ def trend(c: Context) -> list[dict[str, Any]]:
             "learning rate and warm-up, grad-norm spikes before the rise, the batches there.",
             [tail.first_step or 0, tail.last_step or 0]))
     return out
+
+
+def loss_scale_zero(c: Context) -> list[dict[str, Any]]:
+    """An fp16 loss scale of 0 (printed by insightface, Megatron, fairseq as ``loss_scale``)."""
+    have = [i for i, r in enumerate(c.log.records) if finite(r.get("loss_scale"))]
+    zeros = [i for i in have if c.log.records[i]["loss_scale"] == 0.0]
+    if not zeros:
+        return []
+    return [finding(
+        "loss_scale_zero", "critical" if persistent(zeros, have) else "warning",
+        f"fp16 loss scale is 0 on {where(zeros, have, c.steps)}",
+        "The scaler halves the scale on every overflow; at 0 every gradient is multiplied by 0 "
+        "and unscaling divides by 0, so nothing trains and NaN follows. The gradients overflow "
+        "fp16 whatever the scale.",
+        "bf16 or fp32 instead of fp16; the layer whose activations overflow first.",
+        [c.steps[i] for i in zeros])]
