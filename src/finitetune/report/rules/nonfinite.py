@@ -33,7 +33,8 @@ _PRECISION_CHECK = ("precision (bf16 or fp32), the first non-finite parameter (f
 
 def hidden_nan_loss(c: Context) -> list[dict[str, Any]]:
     """Loss exactly 0.0 with a NaN/inf grad norm on the same entry, or while eval_loss is
-    NaN/inf (the Trainer's NaN filter prints a window of NaN losses as 0.0)."""
+    NaN/inf (the Trainer's NaN filter prints a window of NaN losses as 0.0). Critical when it
+    persists or when the log ends in it; a warning when the run recovered."""
     have = [i for i in range(len(c.steps)) if c.loss[i] is not None or c.grad[i] is not None]
     by_grad = [i for i in have if c.loss[i] == 0.0 and bad(c.grad[i])]
     eval_bad = c.eval_bad_steps()
@@ -43,7 +44,11 @@ def hidden_nan_loss(c: Context) -> list[dict[str, Any]]:
     if not hits:
         return []
     broken = sorted(set(hits) | {i for i in have if bad(c.grad[i]) or bad(c.loss[i])})
-    severity = "critical" if persistent(broken, have) else "warning"
+    # The log ending in a hidden NaN is critical even before it persists: a whole logging
+    # window of NaN losses with NaN gradients is not a loss-scaler skip, and a NaN step that was
+    # applied has made the weights NaN. A hidden NaN the run recovered from is a warning.
+    ends_in_it = have[-1] in hits
+    severity = "critical" if persistent(broken, have) or ends_in_it else "warning"
     evidence = []
     if by_grad:
         evidence.append("a NaN/inf grad norm" + ("" if len(by_grad) == len(hits)
