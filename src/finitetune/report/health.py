@@ -125,7 +125,8 @@ def analyse(log: ParsedLog, vocab_size: int | None = None,
     ctx = rules.Context(steps=steps, loss=cols["loss"], grad=cols["grad_norm"],
                         lr=cols["learning_rate"], log=log, trend=trend,
                         loss_bound=vocab_info["loss_bound"], vocab_assumed=vocab is None,
-                        clip=max_grad_norm if max_grad_norm is not None else log.max_grad_norm)
+                        clip=max_grad_norm if max_grad_norm is not None else log.max_grad_norm,
+                        skipped=cols["skipped"] if "skipped" in keys else None)
     findings = [Finding(**f) for f in rules.diagnose(ctx)]
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))
     verdict = ("unhealthy" if any(f.severity == "critical" for f in findings)
@@ -205,7 +206,9 @@ def guard_summary(log: ParsedLog, skipped: list[float | None], keys: set[str]) -
     reasons = Counter(str(e.get("reason")) for e in log.events if e.get("reason"))
     counters = {k: next(r[k] for r in reversed(log.records) if k in r)
                 for k in sorted(keys) if k.startswith("guard/")}  # cumulative: the last value
-    empty = [r["empty_microbatches"] for r in log.records if _is_finite(r.get("empty_microbatches"))]
+    empty = ([r["empty_microbatches"] for r in log.records
+              if _is_finite(r.get("empty_microbatches"))]
+             if "empty_microbatches" in keys else [])
     return {
         "events": len(log.events), "by_kind": dict(kinds), "by_reason": dict(reasons),
         "skipped_entries": sum(1 for v in skipped if v), "counters": counters,

@@ -77,21 +77,33 @@ class Trend:
 
 
 def metric_stats(name: str, steps: list[float], values: list[float | None]) -> MetricStats:
-    """Count entries, finite (valid), NaN, ±inf and exact zeros; summarise the finite ones."""
+    """Count entries, finite (valid), NaN, ±inf and exact zeros; summarise the finite ones.
+
+    Vectorised (numpy): ``finitetune watch`` recomputes this on every verdict of a long run.
+    """
+    import numpy as np
+
     st = MetricStats(name)
     present = [v for v in values if v is not None]
-    finite = [v for v in present if math.isfinite(v)]
-    st.total, st.valid = len(present), len(finite)
-    st.nan = sum(1 for v in present if v != v)  # NaN is the only value unequal to itself
+    arr = np.asarray(present, dtype=np.float64)
+    fin = np.isfinite(arr)
+    finite = arr[fin]
+    st.total, st.valid = len(present), int(fin.sum())
+    st.nan = int(np.isnan(arr).sum())
     st.inf = st.total - st.valid - st.nan
-    st.zero = finite.count(0.0)
-    if finite:
-        st.min, st.max = min(finite), max(finite)
-        st.mean = math.fsum(finite) / len(finite)
-        st.first, st.last = finite[0], finite[-1]
-        st.integer = all(v.is_integer() for v in finite)
-    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
-    st.samples = pairs if len(pairs) <= 5 else pairs[:3] + pairs[-2:]
+    st.zero = int((finite == 0.0).sum())
+    if finite.size:
+        st.min, st.max = float(finite.min()), float(finite.max())
+        st.mean = math.fsum(finite.tolist()) / finite.size
+        st.first, st.last = float(finite[0]), float(finite[-1])
+        st.integer = bool((finite == np.round(finite)).all())
+    idx = [i for i in (*range(min(3, len(values))), len(values) - 2, len(values) - 1)
+           if 0 <= i < len(values)] if len(present) == len(values) else None
+    if idx is not None:  # every entry has the metric: no need to pair them all up
+        st.samples = [(steps[i], values[i]) for i in sorted(set(idx))]  # type: ignore[misc]
+    else:
+        pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
+        st.samples = pairs if len(pairs) <= 5 else pairs[:3] + pairs[-2:]
     return st
 
 

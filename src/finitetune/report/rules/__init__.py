@@ -60,8 +60,8 @@ def _event_steps(events: list[dict[str, Any]]) -> list[float]:
 
 def _handled_steps(c: Context) -> set[float]:
     steps = set(_event_steps([e for e in c.log.events if _kind(e) in _HANDLING_ACTIONS]))
-    steps |= {r["step"] for r in c.log.records
-              if isinstance(r.get("step"), (int, float)) and (r.get("skipped") or 0) > 0}
+    if c.skipped is not None:
+        steps |= {s for s, k in zip(c.steps, c.skipped, strict=True) if k and k > 0}
     return steps
 
 

@@ -34,6 +34,8 @@ class Context:
     loss_bound: float
     vocab_assumed: bool
     clip: float | None
+    skipped: list[Opt] | None = None
+    """The ``skipped`` column of finitetune's metrics (None when not logged)."""
 
     def eval_bad_steps(self) -> list[float]:
         """Steps of evaluations whose ``eval_loss`` is NaN or inf."""

@@ -132,9 +132,9 @@ def pinned_norm(c: Context) -> list[dict[str, Any]]:
         flags = [finite(x) and abs(x - c.clip) <= 1e-6 * c.clip for x in g]
         what = f"at max_grad_norm = {c.clip:g}"
     else:
-        same = [i > 0 and finite(g[i]) and g[i] != 0.0 and g[i] == g[i - 1]
-                for i in range(len(g))]
-        flags = [same[i] or (i + 1 < len(g) and same[i + 1]) for i in range(len(g))]
+        same = [False, *(b is not None and b == a and b != 0.0 and math.isfinite(b)
+                         for a, b in zip(g, g[1:]))]
+        flags = [x or y for x, y in zip(same, [*same[1:], False])]
         what = "at one constant value"
     found = [r for r in runs(flags) if r[1] - r[0] + 1 >= PIN_PATIENCE]
     if not found:
@@ -151,14 +151,18 @@ def pinned_norm(c: Context) -> list[dict[str, Any]]:
 
 def spikes(c: Context) -> list[dict[str, Any]]:
     """Grad-norm spikes by the same robust z-score the guard's spike detector uses."""
-    pts = [(s, x) for s, x in zip(c.steps, c.grad, strict=True) if finite(x) and x > 0]
-    if len(pts) < 10:
+    import numpy as np
+
+    grad = np.asarray([math.nan if x is None else x for x in c.grad], dtype=np.float64)
+    keep = np.isfinite(grad) & (grad > 0)
+    if int(keep.sum()) < 10:
         return []
-    logs = [math.log(x) for _, x in pts]
-    scale = robust_scale(logs)
+    logs = np.log(grad[keep])
+    scale = robust_scale(logs.tolist())
+    steps = np.asarray(c.steps, dtype=np.float64)[keep]
     # 2.3 = ln(10): a spike is also at least 10x the median norm
-    hits = [s for (s, _), v in zip(pts, logs, strict=True)
-            if scale.z(v) > SPIKE_Z and v - scale.center > 2.3]
+    hit = ((logs - scale.center) / scale.scale > SPIKE_Z) & (logs - scale.center > 2.3)
+    hits = steps[hit].tolist()
     if not hits:
         return []
     return [finding(
