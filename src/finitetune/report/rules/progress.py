@@ -3,6 +3,7 @@ and norms stuck at one value, spikes, and a loss that does not fall (or climbs a
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -133,7 +134,7 @@ def pinned_norm(c: Context) -> list[dict[str, Any]]:
         what = f"at max_grad_norm = {c.clip:g}"
     else:
         same = [False, *(b is not None and b == a and b != 0.0 and math.isfinite(b)
-                         for a, b in zip(g, g[1:]))]
+                         for a, b in itertools.pairwise(g))]
         flags = [x or y for x, y in zip(same, [*same[1:], False])]
         what = "at one constant value"
     found = [r for r in runs(flags) if r[1] - r[0] + 1 >= PIN_PATIENCE]
