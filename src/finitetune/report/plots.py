@@ -27,6 +27,16 @@ EVENT_COLOURS = ("#b3261e", "#1565c0", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f
 
 def render_pngs(report: HealthReport) -> list[tuple[str, bytes]]:
     """(title, PNG bytes) for each logged series; the ``--compare`` run is drawn dashed."""
+    out = []
+    for title, fig in figures(report):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        out.append((f"{title} by step", buf.getvalue()))
+    return out
+
+
+def figures(report: HealthReport) -> list[tuple[str, Any]]:
+    """(title, matplotlib Figure) for each logged series, events marked, runs overlaid."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -55,9 +65,7 @@ def render_pngs(report: HealthReport) -> list[tuple[str, bytes]]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize="small")
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        out.append((f"{title} by step", buf.getvalue()))
+        out.append((title, fig))
     return out
 
 
