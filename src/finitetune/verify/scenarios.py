@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from finitetune.config import GuardConfig
+from finitetune.numerics import FP16_MAX
 from finitetune.testing import GradFault, OutputFault, assert_same_state
 from finitetune.verify.harness import (
     BATCH,
@@ -232,7 +233,6 @@ def _same_state(a: Any, b: Any) -> tuple[bool, str]:
 
 OVERFLOW_SCALE = 2.0**24
 """How much larger the feed-forward activation is made (a power of two: exact in fp32/bf16)."""
-FP16_MAX = 65504.0
 
 
 class ReducedPrecision:
