@@ -24,7 +24,6 @@ from finitetune.cli.main import main
 from finitetune.report import health_report
 from finitetune.report.load import load
 
-pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 KEYS = ("loss", "grad_norm", "learning_rate", "epoch")
 
@@ -72,6 +71,7 @@ def _assert_same_numbers(path: Path, reference: Path, kind: str, rel: float = 1e
     assert main(["report", str(path), "--format", "json", "-o", str(path.parent / "r.json")]) == 1
 
 
+@pytest.mark.slow
 def test_tensorboard_dir_from_report_to_tensorboard(tracked_run):
     runs = tracked_run / "out" / "runs"
     assert list(runs.glob("*/events.out.tfevents.*"))
@@ -79,18 +79,21 @@ def test_tensorboard_dir_from_report_to_tensorboard(tracked_run):
     _assert_same_numbers(runs, tracked_run / "out" / "trainer_state.json", "tensorboard", 1e-6)
 
 
+@pytest.mark.slow
 def test_mlflow_file_store(tracked_run):
     assert list((tracked_run / "mlruns").glob("*/*/metrics/loss"))
     _assert_same_numbers(tracked_run / "mlruns", tracked_run / "out" / "trainer_state.json",
                          "mlflow")
 
 
+@pytest.mark.slow
 def test_trackio_store(tracked_run):
     db = tracked_run / "trackio" / "huggingface.db"
     _assert_same_numbers(db, tracked_run / "out" / "trainer_state.json", "trackio")
     assert load(tracked_run / "trackio").kind == "trackio"  # the store's folder works too
 
 
+@pytest.mark.slow
 def test_wandb_csv_export(tracked_run, tmp_path):
     history = _wandb_history(next((tracked_run / "wandb").glob("offline-run-*/run-*.wandb")))
     assert len(history) >= 12
@@ -160,3 +163,21 @@ def _write_panel_csvs(history: list[dict[str, float]], folder: Path, run: str) -
                 if metric in row:
                     v = "NaN" if math.isnan(row[metric]) else repr(row[metric])
                     w.writerow([int(row["train/global_step"]), v, v, v])
+
+
+def test_wandb_history_csv_and_a_panel_with_two_runs(tmp_path):
+    """The other W&B CSV shape (``run.history().to_csv()``: pandas' index, ``_step``) and a
+    panel export holding two runs: the first is read, the note names the count."""
+    hist = tmp_path / "history.csv"
+    hist.write_text(",_step,_runtime,train/loss,train/grad_norm,train/global_step\n"
+                    "0,0,1.5,2.5,1.1,10\n1,1,2.5,NaN,NaN,20\n2,2,3.5,,,30\n")
+    log = load(hist)
+    assert (log.records[0]["step"], log.records[0]["loss"]) == (10.0, 2.5)
+    assert math.isnan(log.records[1]["grad_norm"]) and len(log.records) == 2
+    panel = tmp_path / "panel.csv"
+    panel.write_text('"Step","a - train/loss","a - train/loss__MIN","a - train/loss__MAX",'
+                     '"b - train/loss","b - train/loss__MIN","b - train/loss__MAX"\n'
+                     '"1","2.0","2.0","2.0","9.0","9.0","9.0"\n"2","1.5","1.5","1.5","8.0","8.0","8.0"\n')
+    log = load(panel)
+    assert [r["loss"] for r in log.records] == [2.0, 1.5] and log.kind == "wandb_csv"
+    assert log.notes == ["the export holds 2 runs; read a"]

@@ -147,7 +147,8 @@ def _merge_csv(path: Path, table: list[list[str]], rows: dict[float, dict[str, f
         raise ReportInputError(f"{path}: no step column (one of Step, {', '.join(_STEP_COLUMNS)})")
     columns: list[tuple[int, str]] = []
     for i, name in enumerate(header):
-        if i == step_col or name.endswith(("__MIN", "__MAX")) or name in _STEP_COLUMNS:
+        if (i == step_col or not name or name.endswith(("__MIN", "__MAX"))
+                or name in _STEP_COLUMNS):  # an unnamed column is pandas' index
             continue
         run, sep, metric = name.rpartition(" - ")
         if sep:  # a panel export: "<run name> - <metric>"
