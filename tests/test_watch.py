@@ -49,21 +49,21 @@ def _dict_line(i: int, loss: float | None = None, grad: float = 1.0) -> str:
 def test_exit_on_unhealthy_within_2s_of_the_first_hidden_nan_line(tmp_path):
     log, stamp = tmp_path / "train.log", tmp_path / "first_nan.txt"
     log.write_text("".join(_dict_line(i) for i in range(10)))
-    watch = subprocess.Popen([sys.executable, "-m", "finitetune", "watch", str(log),
-                              "--exit-on", "unhealthy", "--idle-exit", "60"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = watch.stdout.readline()  # the watcher is up and has judged the start
-        assert first.rstrip().endswith("step 10: healthy"), first
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), "20", "8", str(stamp)])
-        code = watch.wait(timeout=60)
-        exited = time.time()
-        writer.kill()
-        writer.wait()
-        rest = watch.stdout.read()
-    finally:
-        if watch.poll() is None:
-            watch.kill()
+    with subprocess.Popen([sys.executable, "-m", "finitetune", "watch", str(log), "--exit-on",
+                           "unhealthy", "--idle-exit", "60"], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True) as watch:
+        try:
+            first = watch.stdout.readline()  # the watcher is up and has judged the start
+            assert first.rstrip().endswith("step 10: healthy"), first
+            with subprocess.Popen([sys.executable, "-c", WRITER, str(log), "20", "8",
+                                   str(stamp)]) as writer:
+                code = watch.wait(timeout=60)
+                exited = time.time()
+                writer.kill()
+            rest = watch.stdout.read()
+        finally:
+            if watch.poll() is None:
+                watch.kill()
     assert code == 1
     latency = exited - float(stamp.read_text())
     assert latency < 2.0, f"watch exited {latency:.2f} s after the first hidden-NaN line"
@@ -111,6 +111,7 @@ def test_follower_of_a_run_dir_reads_metrics_events_and_eval_as_they_come(tmp_pa
     assert follower.log.eval == {"after": {"exact_match": 0.9}} and not follower.ended()
     (run / "report.json").write_text("{}")
     assert follower.ended()
+    follower.close()
 
 
 def test_watch_of_a_finished_run_dir_exits_with_its_verdict(tmp_path, capsys):
@@ -145,6 +146,7 @@ def test_watch_follows_tensorboard_events_incrementally(tmp_path):
     assert follower.poll() == (1, True)
     assert [r["step"] for r in follower.log.records] == [1, 2, 3, 4]
     writer.close()
+    follower.close()
 
 
 def test_live_panel_shows_counts_sparklines_verdict_and_events():
