@@ -44,7 +44,8 @@ def exact_match(
                                          template=template)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    correct, shown = 0, []
+    correct = 0
+    shown: list[dict[str, Any]] = []
     for lo in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[lo: lo + batch_size], pad)
         out = model.generate(

@@ -32,6 +32,7 @@ def per_tensor_max_abs(tensors: Sequence[torch.Tensor],
     with torch.no_grad():
         for idx in groups.values():
             group = [tensors[i].detach() for i in idx]
+            norms: Sequence[torch.Tensor]
             try:
                 norms = torch._foreach_norm(group, math.inf)  # NaN stays NaN
             except (RuntimeError, TypeError, NotImplementedError):  # a dtype without a foreach

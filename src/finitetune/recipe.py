@@ -248,7 +248,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     trainer, _loss = build_trainer(
         model, training_arguments(cfg, out, steps, plan), rows,
         pad_token_id=tokenizer.pad_token_id, guard=cfg.guard, attribution=cfg.attribution,
-        sources={r["index"]: r.get("source") for r in rows})
+        sources={r["index"]: r["source"] for r in rows if r.get("source")})
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume_from)

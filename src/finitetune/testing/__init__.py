@@ -105,8 +105,11 @@ class GradFault(_Handle):
     def _hook(self, param: torch.Tensor) -> None:
         self.calls += 1
         if self.at is None or self.calls in self.at:
+            grad = param.grad
+            if grad is None:  # the hook runs after accumulation: a grad exists by then
+                raise RuntimeError("GradFault: the hooked parameter has no gradient to write into")
             for value, index in self.writes:
-                _write(param.grad, value, index)
+                _write(grad, value, index)
             self.fired.append(self.calls)
 
 

@@ -343,7 +343,8 @@ def lr_divergence(setup: Setup, root: Path) -> ScenarioResult:
     """
     cfg = GuardConfig(policy="rollback", spike_action="rollback", spike_warmup=4,
                       lr_backoff=0.03)
-    kw = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup", warmup_steps=WARMUP)
+    kw: dict[str, Any] = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup",
+                              warmup_steps=WARMUP)
     rows = setup.take(LR_STEPS * BATCH)
     u = run_arm(setup, root / "unguarded", "unguarded", rows, LR_STEPS, **kw)
     g = run_arm(setup, root / "guarded", "guarded", rows, LR_STEPS, guard=cfg, **kw)
