@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finitetune.report.fmt import step
 from finitetune.report.render import sections
@@ -55,7 +55,7 @@ def to_html(r: HealthReport) -> str:
     return "\n".join(p for p in parts if p) + "\n"
 
 
-def _block(kind: str, body: object, verdict: str) -> str:
+def _block(kind: str, body: Any, verdict: str) -> str:
     esc = html.escape
     if kind == "p":
         return f"<p>{esc(str(body))}</p>"
@@ -66,10 +66,10 @@ def _block(kind: str, body: object, verdict: str) -> str:
             f"<li><strong>[{esc(f.severity)}] {esc(f.title)}</strong>"
             + "".join(f"<br>{label}: {esc(text)}" for label, text in
                       (("Why", f.detail), ("Check", f.check)) if text)
-            + "</li>" for f in body) + "</ul>"  # type: ignore[attr-defined]
+            + "</li>" for f in body) + "</ul>"
     if kind == "ul":
-        return "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in body) + "</ul>"  # type: ignore
-    header, rows = body  # type: ignore[misc]
+        return "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in body) + "</ul>"
+    header, rows = body
     return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
                       for row in rows) + "</table>")

@@ -65,7 +65,7 @@ def _read_config(path: Path, log: ParsedLog) -> None:
         except Exception as exc:  # a broken config must not stop the report of a dead run
             log.notes.append(f"config.yaml unreadable ({type(exc).__name__}), ignored")
     if isinstance(cfg, dict):
-        guard = cfg.get("guard") if isinstance(cfg.get("guard"), dict) else {}
+        guard: dict[str, Any] = cfg["guard"] if isinstance(cfg.get("guard"), dict) else {}
         for value in (guard.get("max_grad_norm"), cfg.get("max_grad_norm")):
             if isinstance(value, (int, float)) and value > 0:
                 log.max_grad_norm = float(value)

@@ -100,7 +100,7 @@ def metric_stats(name: str, steps: list[float], values: list[float | None]) -> M
     idx = [i for i in (*range(min(3, len(values))), len(values) - 2, len(values) - 1)
            if 0 <= i < len(values)] if len(present) == len(values) else None
     if idx is not None:  # every entry has the metric: no need to pair them all up
-        st.samples = [(steps[i], values[i]) for i in sorted(set(idx))]  # type: ignore[misc]
+        st.samples = [(steps[i], float(values[i] or 0.0)) for i in sorted(set(idx))]
     else:
         pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
         st.samples = pairs if len(pairs) <= 5 else pairs[:3] + pairs[-2:]

@@ -131,9 +131,9 @@ def nonfinite_grad(c: Context) -> list[dict[str, Any]]:
             "of fp16 loss-scale calibration",
             "GradScaler starts with a large scale and halves it on each overflow, skipping that "
             "step: a few skips at the start are normal.", "", steps)]
-    tail = tail_run(bad_all, have)
-    if tail and tail == len(bad_all):  # only at the end, fewer than PERSIST_RUN in a row
-        last = "the last entry" if tail == 1 else f"the last {tail} entries"
+    tail_len = tail_run(bad_all, have)
+    if tail_len and tail_len == len(bad_all):  # only at the end, fewer than PERSIST_RUN in a row
+        last = "the last entry" if tail_len == 1 else f"the last {tail_len} entries"
         title = (f"Non-finite {what} on {last} (of {len(have)}){unlogged}; fewer than "
                  f"{PERSIST_RUN} in a row, so not called persistent")
     elif len(hits) == 1:
@@ -141,7 +141,7 @@ def nonfinite_grad(c: Context) -> list[dict[str, Any]]:
     else:
         title = f"Intermittent non-finite {what} ({n}){unlogged}"
     return [finding(
-        "fp16_skip_pattern" if len(hits) > 1 and not tail else "nonfinite_grad", "warning", title,
+        "fp16_skip_pattern" if len(hits) > 1 and not tail_len else "nonfinite_grad", "warning", title,
         "With fp16 the GradScaler skips a step whose gradients overflow and lowers its scale; "
         "the logged norm is NaN/inf while the loss stays finite. Rare skips are harmless; "
         "skips that keep coming mean the gradients overflow fp16 itself. Without fp16, a "

@@ -31,7 +31,7 @@ LATE_RISE = 0.10
 
 def first_loss(c: Context) -> list[dict[str, Any]]:
     first = next(((s, v) for s, v in zip(c.steps, c.loss, strict=True)
-                  if finite(v) and v != 0.0), None)  # 0.0 may be a hidden NaN
+                  if v is not None and finite(v) and v != 0.0), None)  # 0.0: hidden NaN?
     if first is None or first[1] <= c.loss_bound:
         return []
     assumed = " (vocabulary size assumed; pass --vocab-size)" if c.vocab_assumed else ""
@@ -129,9 +129,10 @@ def zero_grad(c: Context) -> list[dict[str, Any]]:
 
 def pinned_norm(c: Context) -> list[dict[str, Any]]:
     g = c.grad
-    if c.clip:
-        flags = [finite(x) and abs(x - c.clip) <= 1e-6 * c.clip for x in g]
-        what = f"at max_grad_norm = {c.clip:g}"
+    clip = c.clip
+    if clip:
+        flags = [x is not None and finite(x) and abs(x - clip) <= 1e-6 * clip for x in g]
+        what = f"at max_grad_norm = {clip:g}"
     else:
         same = [False, *(b is not None and b == a and b != 0.0 and math.isfinite(b)
                          for a, b in itertools.pairwise(g))]
