@@ -136,7 +136,7 @@ def _cuda_available() -> bool:
 def planned_steps(cfg: TrainConfig, n_train: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                 * distributed.world_size())  # each rank reads its own share of an epoch
@@ -152,7 +152,7 @@ def run_training(cfg: TrainConfig) -> RunResult:
     Under a multi-process launcher this joins the process group first and destroys it at the
     end (also after an error), so ``torchrun`` sees every rank exit.
     """
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     joined = _init_distributed()
     try:
@@ -171,7 +171,7 @@ def _init_distributed() -> bool:
     """
     import torch
 
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     if not distributed.launched_distributed() or torch.distributed.is_initialized():
         return False
@@ -184,9 +184,9 @@ def _init_distributed() -> bool:
 
 
 def _run_training(cfg: TrainConfig) -> RunResult:
+    from finitetune import distributed
     from finitetune.data.pipeline import describe, prepare_rows, tokenize_with
     from finitetune.data.sources import load_records
-    from finitetune.guard import distributed
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision import choose_precision
 
@@ -234,9 +234,9 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
+    from finitetune import distributed
     from finitetune.data.collate import CausalLMCollator
     from finitetune.evaluation import eval_loss, exact_match
-    from finitetune.guard import distributed
     from finitetune.guard.attribution import Attributor
     from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.metrics import MetricsCallback

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from finitetune.guard import distributed
+from finitetune import distributed
 from finitetune.guard.replay import (
     load_fault_batch,
     max_abs,

@@ -269,7 +269,7 @@ class GuardCallback(TrainerCallback, ExportableState):
     def _check(self) -> float:
         trainer = self.trainer
         trainer.accelerator.unscale_gradients()  # fp16 AMP: true gradients first (else no-op)
-        outcome = self.guard.check(step=trainer.state.global_step + 1)
+        outcome = self.guard.decide_and_prepare(step=trainer.state.global_step + 1)
         self._pending = outcome
         if outcome.action == Action.HALT:
             setattr(trainer, _HALT_ATTR, self.guard.halt_error(outcome))
