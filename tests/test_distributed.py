@@ -305,6 +305,7 @@ def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
 
     from finitetune import GuardCallback
     from finitetune.errors import ConfigError
+    from finitetune.integrations.hf import guard_of
     from finitetune.loss import SafeCausalLMLoss
     from finitetune.testing import GradFault
 
@@ -328,7 +329,7 @@ def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
         fault.remove()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") \
         else trainer.optimizer
-    guard = trainer._finitetune_guard
+    guard = guard_of(trainer)
     out = {"skipped": guard.counters["skipped"], "applied": guard.counters["applied"],
            "checksums": _checksum(model, opt)}
     # The Trainer's FSDP option on CPU: accelerate silently trains with DDP instead, so the

@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from finitetune import GuardCallback, GuardConfig, NonFiniteHalt
+from finitetune.integrations.hf import guard_of
 from finitetune.loss import causal_lm_loss
 from finitetune.testing import GradFault, LossScale, assert_same_state, count_host_syncs
 
@@ -258,7 +259,7 @@ def test_case14_resume_after_a_skip_matches_the_uninterrupted_run(tmp_path, rest
     b = trainer(tmp_path / "b", 8, guard=GuardCallback(cfg), data=dataset(10), **kw)
     b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-5"))
     assert_same_state(a.model, b.model, a.optimizer, b.optimizer, a.lr_scheduler, b.lr_scheduler)
-    ga, gb = a._finitetune_guard, b._finitetune_guard
+    ga, gb = guard_of(a), guard_of(b)
     assert gb.counters["skipped"] == 1 and gb.state_dict() == ga.state_dict()
     assert logged(b, "guard/skipped")[8] == 1
 
