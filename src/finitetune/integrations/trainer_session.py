@@ -24,7 +24,8 @@ NaN sticks to every later log. On a log line whose window holds a step the guard
 (or whose Trainer loss is non-finite), ``loss`` is replaced by the mean loss of the window's
 *applied* steps, as the guard measured them (same definition as the Trainer's: the per-step
 loss averaged over ranks, rounded to 4 digits); when no step of the window was applied it is the
-true mean of the window's losses, NaN included. ``train_loss`` in the final summary follows the
+true mean of the window's losses, NaN included (a step without a single supervised token has
+no loss: NaN, where the Trainer would print 0.0). ``train_loss`` in the final summary follows the
 same rule over the whole ``train()`` call. The ``guard/*`` counters on the same line say how
 many steps were skipped. Clean windows keep the Trainer's own value, unchanged.
 """
@@ -127,8 +128,8 @@ class GuardSession:
             window, self._window = self._window, []
             if any(not o.applied for o in window) or not _finite(logs["loss"]):
                 value = _mean([o.loss for o in window if o.applied])
-                if value is None:
-                    value = _mean([o.loss for o in window])
+                if value is None:  # nothing applied: the window's true loss; none is NaN (0/0)
+                    value = _mean([math.nan if o.loss is None else o.loss for o in window])
                 if value is not None:
                     logs["loss"] = round(value, 4) if math.isfinite(value) else value
         if "train_loss" in logs and (self._run_handled or not _finite(logs["train_loss"])):
