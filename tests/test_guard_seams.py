@@ -319,3 +319,18 @@ def test_no_stack_inspection_and_no_accelerate_private_writes():
     text = {p: p.read_text() for p in src.rglob("*.py")}
     for needle in ("currentframe", "f_back", "_getframe", "_is_overflow"):
         assert not [str(p) for p, t in text.items() if needle in t], needle
+
+
+def test_claimed_versions_are_the_tested_ones():
+    # Must: pyproject claims exactly the transformers / TRL release line the seams were tested
+    # with, and this environment (CI's) runs that line.
+    import transformers
+    import trl
+
+    deps = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    for name, tested, installed in (("transformers", TESTED_TRANSFORMERS,
+                                     transformers.__version__),
+                                    ("trl", TESTED_TRL, trl.__version__)):
+        major, minor = tested.split(".")
+        assert f'"{name}>={tested},<{major}.{int(minor) + 1}"' in deps
+        assert installed.startswith(tested + "."), (name, installed)

@@ -274,7 +274,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         # the guard first: its counters must be in the logs before the metrics line is written
         callbacks=[GuardCallback(cfg.guard, output_dir=out, on_fault=Attributor(
                        model, out, sources={r["index"]: r.get("source") for r in rows})
-                       if cfg.attribution else None),
+                       if cfg.attribution else None, attribution=cfg.attribution),
                    MetricsCallback(out / "metrics.jsonl", tracker=distributed.AllRanksWindow(loss))],
     )
     start = time.perf_counter()

@@ -114,7 +114,7 @@ def guard_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the program with the guard, print the reports, return the exit code."""
-    from finitetune.integrations.inject import FaultSpec
+    from finitetune.integrations.faults import FaultSpec
 
     command = list(args.command)
     if command and command[0] == "--":

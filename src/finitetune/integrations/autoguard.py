@@ -88,9 +88,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 def attach(trainer: Any) -> None:
     """Give a newly constructed Trainer the run's callbacks (see the module docstring)."""
     from finitetune.integrations.hf import GuardCallback
-    from finitetune.integrations.inject import FaultInjector
     from finitetune.integrations.metrics import MetricsCallback
-    from finitetune.integrations.run_manifest import RunRecorder
+    from finitetune.integrations.run_callbacks import FaultInjector, RunRecorder
 
     s = settings()
     handler = trainer.callback_handler

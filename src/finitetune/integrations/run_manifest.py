@@ -1,8 +1,10 @@
 """The manifest of a ``finitetune run``: which Trainers ran, where their files are, how it ended.
 
-One strict-JSON line per event, appended by rank 0 of each guarded Trainer
-(:class:`RunRecorder`) and read back by the CLI (:func:`read_manifest`) once the program has
-exited, to print each run's health report and choose the exit code.
+One strict-JSON line per event, appended by rank 0 of each Trainer of the program
+(:class:`~finitetune.integrations.run_callbacks.RunRecorder` calls :func:`begin_record` and
+:func:`end_record`) and read back by the CLI (:func:`read_manifest`) once the program has
+exited, to print each run's health report and choose the exit code. Pure Python: the CLI reads
+it without importing torch.
 """
 
 from __future__ import annotations
@@ -13,60 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from finitetune.jsonio import append_jsonl
 
-__all__ = ["RunRecorder", "TrainerRun", "read_manifest"]
+__all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest"]
 
 
-class RunRecorder(TrainerCallback):
-    """Appends ``begin`` and ``end`` records of a Trainer's ``train()`` to the manifest."""
-
-    def __init__(self, manifest: str | os.PathLike, events_dir: Path, guard_cb: Any = None,
-                 injector: Any = None) -> None:
-        self.manifest, self.events_dir = manifest, Path(events_dir)
-        self.guard_cb, self.injector = guard_cb, injector
-
-    def _write(self, state: Any, record: dict[str, Any]) -> None:
-        if state.is_world_process_zero:
-            append_jsonl(self.manifest, {"events_dir": str(self.events_dir), **record})
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.events_dir.mkdir(parents=True, exist_ok=True)
-        self._write(state, {"event": "begin", "output_dir": str(args.output_dir),
-                            "pid": os.getpid(), "start_step": state.global_step})
-
-    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
-                     **kwargs: Any) -> None:
-        from finitetune import distributed
-        from finitetune.guard.policy import Action
-
-        guard = self.guard_cb.guard if self.guard_cb is not None else None
-        last = guard.last_outcome if guard is not None else None
-        injected = [f"{k}@{s}" for k, s in self.injector.fired] if self.injector else []
-        # COLLECTIVE (distributed, once per train()): every rank's parameter checksum and
-        # injected faults, so the summary can say whether all ranks ended on the same weights
-        per_rank = distributed.all_gather_objects((_checksum(model), injected))
-        self._write(state, {
-            "event": "end", "global_step": state.global_step,
-            "halted": bool(last is not None and last.action == Action.HALT),
-            "counters": dict(guard.counters) if guard is not None else None,
-            "injected": sorted({f for _, fired in per_rank for f in fired}),
-            "rank_checksums": [c for c, _ in per_rank]})
+def begin_record(manifest: str | os.PathLike, events_dir: Path, output_dir: str,
+                 start_step: int) -> None:
+    """A Trainer started ``train()``: where its files go."""
+    append_jsonl(manifest, {"event": "begin", "events_dir": str(events_dir),
+                            "output_dir": output_dir, "pid": os.getpid(),
+                            "start_step": start_step})
 
 
-def _checksum(model: Any) -> float | None:
-    """Sum of every parameter in float64 (NaN if any is non-finite); None for sharded ones."""
-    import torch
-
-    params = list(model.parameters()) if model is not None else []
-    if not params or any(hasattr(p, "to_local") for p in params):
-        return None
-    with torch.no_grad():
-        total = sum(p.detach().double().sum() for p in params)
-    return float(total)  # HOST SYNC, once per train()
+def end_record(manifest: str | os.PathLike, events_dir: Path, *, global_step: int,
+               halted: bool, counters: dict[str, Any] | None, injected: list[str],
+               rank_checksums: list[float | None]) -> None:
+    """That Trainer's ``train()`` ended (normally or halted by the guard)."""
+    append_jsonl(manifest, {"event": "end", "events_dir": str(events_dir),
+                            "global_step": global_step, "halted": halted, "counters": counters,
+                            "injected": injected, "rank_checksums": rank_checksums})
 
 
 @dataclass

@@ -1,27 +1,18 @@
-"""Fault injection into any Trainer: ``finitetune run --inject nan_grad@3`` proves the guard on a
-user's own pipeline (and, without the guard, shows the failure it prevents).
+"""The Trainer callbacks ``finitetune run`` adds besides the guard: faults and the manifest.
 
-Specs (1-based optimizer steps, as the Trainer's ``global_step`` counts them):
-
-- ``nan_grad@K``: NaN in one element of one trainable parameter's gradient during step K (a
-  gradient hook, as a backward overflow would leave it; it stays in the accumulated gradient);
-- ``inf_loss@K``: the model's loss is multiplied by +inf during step K (models that return no
-  loss, e.g. under DPO: +inf in one logit instead), so the loss and the gradients are
-  non-finite;
-- ``empty_batch@K``: every micro-batch of step K has all its ``labels`` set to -100, as a
-  batch whose responses were all truncated away (needs ``dataloader_num_workers=0``).
-
-``:rankR`` after a spec (``nan_grad@3:rank1``) injects on that rank only (distributed runs).
-The hooks are the ones :mod:`finitetune.testing` uses; each is armed for its step only and
-removed when training ends.
+:class:`FaultInjector` writes the ``--inject`` faults (:mod:`~finitetune.integrations.faults`
+has the spec grammar): each is armed for its optimizer step only, with hooks like those of
+:mod:`finitetune.testing`, and removed when training ends. :class:`RunRecorder` appends each
+Trainer's ``train()`` to the run's manifest (:mod:`~finitetune.integrations.run_manifest`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,32 +20,10 @@ from transformers import TrainerCallback
 
 from finitetune import distributed
 from finitetune.errors import ConfigError
+from finitetune.integrations.faults import FaultSpec
+from finitetune.integrations.run_manifest import begin_record, end_record
 
-__all__ = ["KINDS", "FaultInjector", "FaultSpec"]
-
-KINDS = ("nan_grad", "inf_loss", "empty_batch")
-_SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?::rank(?P<rank>\d+))?$")
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    """One fault: what, at which optimizer step, on which rank (None: every rank)."""
-
-    kind: str
-    step: int
-    rank: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> FaultSpec:
-        """``"nan_grad@3"`` or ``"empty_batch@2:rank1"``; a ConfigError says what is wrong."""
-        m = _SPEC.match(text.strip())
-        if m is None or m["kind"] not in KINDS or int(m["step"]) < 1:
-            raise ConfigError(f"--inject {text!r}: expected KIND@STEP[:rankR] with KIND one of "
-                              f"{', '.join(KINDS)} and STEP >= 1, e.g. nan_grad@3")
-        return cls(m["kind"], int(m["step"]), None if m["rank"] is None else int(m["rank"]))
-
-    def __str__(self) -> str:
-        return f"{self.kind}@{self.step}" + (f":rank{self.rank}" if self.rank is not None else "")
+__all__ = ["FaultInjector", "RunRecorder", "pick_parameter"]
 
 
 def pick_parameter(model: torch.nn.Module) -> tuple[str, torch.nn.Parameter]:
@@ -181,3 +150,44 @@ class _EmptyingCollate:
             if ("empty_batch", step) not in self.fired:
                 self.fired.append(("empty_batch", step))
         return batch
+
+
+class RunRecorder(TrainerCallback):
+    """Appends ``begin`` and ``end`` records of a Trainer's ``train()`` to the manifest."""
+
+    def __init__(self, manifest: str | os.PathLike, events_dir: Path, guard_cb: Any = None,
+                 injector: Any = None) -> None:
+        self.manifest, self.events_dir = manifest, Path(events_dir)
+        self.guard_cb, self.injector = guard_cb, injector
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.events_dir.mkdir(parents=True, exist_ok=True)
+            begin_record(self.manifest, self.events_dir, str(args.output_dir), state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                     **kwargs: Any) -> None:
+        from finitetune.guard.policy import Action
+
+        guard = self.guard_cb.guard if self.guard_cb is not None else None
+        last = guard.last_outcome if guard is not None else None
+        fired = [f"{k}@{s}" for k, s in self.injector.fired] if self.injector else []
+        # COLLECTIVE (distributed, once per train()): every rank's parameter checksum and
+        # injected faults, so the summary can say whether all ranks ended on the same weights
+        per_rank = distributed.all_gather_objects((_checksum(model), fired))
+        if state.is_world_process_zero:
+            end_record(self.manifest, self.events_dir, global_step=state.global_step,
+                       halted=bool(last is not None and last.action == Action.HALT),
+                       counters=dict(guard.counters) if guard is not None else None,
+                       injected=sorted({f for _, done in per_rank for f in done}),
+                       rank_checksums=[c for c, _ in per_rank])
+
+
+def _checksum(model: Any) -> float | None:
+    """Sum of every parameter in float64 (NaN if any is non-finite); None for sharded ones."""
+    params = list(model.parameters()) if model is not None else []
+    if not params or any(hasattr(p, "to_local") for p in params):
+        return None
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in params)
+    return float(total)  # HOST SYNC, once per train()
