@@ -7,9 +7,10 @@ Specs (1-based optimizer steps, as the Trainer's ``global_step`` counts them):
 
 - ``nan_grad@K``: NaN in one element of one trainable parameter's gradient during step K (a
   gradient hook, as a backward overflow would leave it; it stays in the accumulated gradient);
-- ``inf_loss@K``: the model's loss is multiplied by +inf during step K (models that return no
-  loss, e.g. under DPO: +inf in one logit instead), so the loss and the gradients are
-  non-finite;
+- ``inf_loss@K``: +inf is added to the model's loss during step K: the loss is non-finite
+  while the gradients stay finite, the case the Trainer's log filter hides best (models that
+  return no loss, e.g. under DPO: +inf in one logit instead, which makes the gradients
+  non-finite too);
 - ``empty_batch@K``: every micro-batch of step K has all its ``labels`` set to -100, as a
   batch whose responses were all truncated away (needs ``dataloader_num_workers=0``).
 

@@ -97,8 +97,8 @@ class FaultInjector(TrainerCallback):
         if "inf_loss" not in self._armed or not (module.training and torch.is_grad_enabled()):
             return None
         loss = getattr(out, "loss", None)
-        if loss is not None:
-            out["loss"] = loss * math.inf
+        if loss is not None:  # +inf added to the value: the gradients stay finite
+            out["loss"] = loss + torch.full((), math.inf, dtype=loss.dtype, device=loss.device)
         elif getattr(out, "logits", None) is not None:
             logits = out.logits
             mask = torch.zeros(logits.numel(), dtype=torch.bool, device=logits.device)
