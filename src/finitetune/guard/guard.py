@@ -19,10 +19,10 @@ by default). A skip leaves parameters and every optimizer-state entry bit-identi
 the gradients or multiplying the update by 0 is *not* a skip (Adam moves on its momentum,
 weight decay still applies, and 0 x NaN = NaN poisons the moments).
 
-Distributed (DDP, FSDP2 ``fully_shard``): call ``step``/``decide_and_prepare`` on every rank. The packed
-tensor has the same length on every rank whatever gradients exist, is reduced with one SUM
-all-reduce, and only reduced numbers feed the decision, so every rank takes the same one; rank
-0 writes the event (see :mod:`finitetune.guard.distributed`).
+Distributed (DDP, FSDP2 ``fully_shard``): call ``step`` / ``decide_and_prepare`` on every rank.
+The packed tensor has the same length on every rank, is reduced with one SUM all-reduce, and
+only reduced numbers feed the decision, so every rank takes the same one; rank 0 writes the
+event (see :mod:`finitetune.guard.distributed`).
 """
 
 from __future__ import annotations
@@ -52,18 +52,10 @@ from finitetune.guard.policy import (
     StepStats,
     decide,
 )
-from finitetune.guard.snapshot import Snapshot, backoff_lr
+from finitetune.guard.snapshot import Snapshot, backoff_lr, unwrap_optimizer
 from finitetune.guard.stats import GradStats, LossAccumulator
 
 __all__ = ["Guard"]
-
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    return inner
 
 
 class Guard:
@@ -88,23 +80,15 @@ class Guard:
         start_step: steps already taken (a resumed run): event step numbers continue from it.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module | None,
-        optimizer: Any,
-        config: GuardConfig | None = None,
-        scheduler: Any = None,
-        *,
-        scaler: Any = None,
-        output_dir: str | os.PathLike | None = None,
-        on_fault: FaultHook | Callable[[StepOutcome], dict | None] | None = None,
-        max_grad_norm: float | None = None,
-        start_step: int = 0,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module | None, optimizer: Any,
+                 config: GuardConfig | None = None, scheduler: Any = None, *, scaler: Any = None,
+                 output_dir: str | os.PathLike | None = None,
+                 on_fault: FaultHook | Callable[[StepOutcome], dict | None] | None = None,
+                 max_grad_norm: float | None = None, start_step: int = 0) -> None:
         self.config = config if config is not None else GuardConfig()
         self.model = model
         self.optimizer = optimizer
-        self.inner_optimizer = _unwrap(optimizer)
+        self.inner_optimizer = unwrap_optimizer(optimizer)
         self.scheduler = scheduler
         self.scaler = scaler
         self.output_dir = output_dir
@@ -388,11 +372,8 @@ class Guard:
         return log_view(self.counters, self.lr_scale)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and detector windows, strict-JSON safe (only finite numbers are kept).
-
-        The rollback snapshot is not included: after a resume, the first clean step makes a new
-        one.
-        """
+        """Counters and detector windows, strict-JSON safe (only finite numbers are kept); not
+        the rollback snapshot (after a resume, the first clean step makes a new one)."""
         return {
             "version": 1, "counters": dict(self.counters), "lr_scale": self.lr_scale,
             "loss_window": self._loss_detector.state_dict(),
