@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,11 +72,8 @@ class GuardSession:
     # ---- the micro-batch and the step ---------------------------------------------------------
     def before_micro_batch(self, inputs: Any) -> tuple[Any, torch.Tensor | None]:
         """Pop the collator's ``sample_ids`` (kept for attribution), count supervised tokens."""
-        t0 = time.perf_counter()
         inputs = self.guard.observe_batch(inputs)
-        tokens = supervised_tokens(inputs, self.shifts_labels)
-        self.guard.work_seconds += time.perf_counter() - t0
-        return inputs, tokens
+        return inputs, supervised_tokens(inputs, self.shifts_labels)  # device tensor, no sync
 
     def after_micro_batch(self, loss: Any, tokens: torch.Tensor | None) -> None:
         # training_step's losses (divided by the window's token count or the accumulation
