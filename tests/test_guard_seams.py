@@ -334,3 +334,18 @@ def test_claimed_versions_are_the_tested_ones():
         major, minor = tested.split(".")
         assert f'"{name}>={tested},<{major}.{int(minor) + 1}"' in deps
         assert installed.startswith(tested + "."), (name, installed)
+
+
+def test_without_clipping_the_guard_decides_through_get_grad_norm(tmp_path):
+    # Fault: NaN at step 2 with max_grad_norm=0 (the Trainer then never calls _clip_grad_norm,
+    # only _get_grad_norm). Must: step 2 skipped with parameters bit-identical; the logged
+    # grad_norm is the guard's pre-clip norm (NaN at 2); no clipping anywhere.
+    snap = Snapshots()
+    t = Trainer(model=tiny_llama(), args=args(tmp_path, 3, max_grad_norm=0.0),
+                train_dataset=rows(), callbacks=[snap, GuardCallback()])
+    GradFault(t.model, UP, math.nan, at={2})
+    t.train()
+    assert same(snap.after[2], snap.after[1]) and not same(snap.after[3], snap.after[2])
+    norms = {h["step"]: h["grad_norm"] for h in t.state.log_history if "grad_norm" in h}
+    assert math.isnan(norms[2]) and norms[1] > 0 and guard_of(t).max_grad_norm == 0.0
+    assert guard_of(t).counters["clipped"] == 0
