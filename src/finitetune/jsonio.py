@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,21 @@ def _scalar(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
         return value.item()
     return value
+
+
+def decode_nonfinite(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`to_jsonable` for one dict: ``k: null, k_nonfinite: "nan"`` -> ``k: nan``."""
+    out = dict(entry)
+    for key, value in entry.items():
+        if key.endswith("_nonfinite") and isinstance(value, str):
+            base = key[: -len("_nonfinite")]
+            if out.get(base) is None:
+                try:
+                    out[base] = float(value)
+                except ValueError:  # not one of ours ("nan"/"inf"/"-inf"): leave it as is
+                    continue
+            del out[key]
+    return out
 
 
 def dumps_strict(obj: Any, **kwargs: Any) -> str:

@@ -15,19 +15,30 @@ that rank 0 writes once. The process group is torn down at the end so every rank
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finitetune import run_files
 from finitetune.config import TrainConfig
 from finitetune.errors import ConfigError
 from finitetune.jsonio import write_json_atomic
-from finitetune.rundir import make_run_dir, save_final, trim_metrics, write_eval, write_reports
+from finitetune.numerics import IGNORE_INDEX
+from finitetune.run_writer import (
+    make_run_dir,
+    save_final,
+    trim_after_checkpoint,
+    write_eval,
+    write_reports,
+)
 
 log = logging.getLogger("finitetune")
 
@@ -48,17 +59,6 @@ class RunResult:
 # --------------------------------------------------------------------------- preparation
 
 
-def default_records(model: str, seed: int) -> list[dict]:
-    """The embedded task that goes with a built-in model."""
-    from finitetune.data import demo
-
-    if model == "tiny":
-        return demo.tiny_task(1400, seed=seed)
-    if model == "demo":
-        return demo.bbc_topics()
-    raise ConfigError(f"--model {model} has no embedded task: pass --data FILE")
-
-
 def split_records(records: list[dict], eval_size: int, seed: int) -> tuple[list, list]:
     """Deterministic held-out split: the same seed gives the same eval set on every machine."""
     order = list(range(len(records)))
@@ -66,10 +66,6 @@ def split_records(records: list[dict], eval_size: int, seed: int) -> tuple[list,
     n_eval = min(eval_size, len(records) // 5) if len(records) < 5 * eval_size else eval_size
     eval_idx, train_idx = set(order[:n_eval]), order[n_eval:]
     return [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(eval_idx)]
-
-
-
-
 
 
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -181,24 +177,14 @@ def _init_distributed() -> bool:
     return torch.distributed.is_initialized()
 
 
-
-
 def _run_training(cfg: TrainConfig) -> RunResult:
     from finitetune import distributed
-    from finitetune.data.pipeline import describe, prepare_rows, tokenize_with
-    from finitetune.data.sources import load_records
+    from finitetune.data.pipeline import describe, load_data_records, prepare_rows, tokenize_with
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision import choose_precision
 
     # 1. everything that can be wrong with the input, before writing anything
-    if cfg.data.path:
-        records = load_records(cfg.data.path, prompt_field=cfg.data.prompt_field,
-                               response_field=cfg.data.response_field,
-                               messages_field=cfg.data.messages_field,
-                               text_field=cfg.data.text_field if cfg.data.response_marker
-                               else None)
-    else:
-        records = default_records(cfg.model, cfg.seed)
+    records = load_data_records(cfg.data, cfg.model, cfg.seed)
     train_recs, eval_recs = split_records(records, cfg.data.eval_size, cfg.seed)
     # a precision the hardware cannot honour fails here, before the model loads
     choose_precision(None, device=_train_device(), requested=cfg.precision)
@@ -209,7 +195,7 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     if distributed.is_main_process():
         print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
-                 if any(t != -100 for t in r["labels"])]
+                 if any(t != IGNORE_INDEX for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]
     model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
 
@@ -231,16 +217,11 @@ def _run_training(cfg: TrainConfig) -> RunResult:
 
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
                         result: RunResult) -> RunResult:
-    from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
     from finitetune import distributed
-    from finitetune.data.collate import CausalLMCollator
     from finitetune.evaluation import eval_loss, exact_match
-    from finitetune.guard.attribution import Attributor
-    from finitetune.integrations.hf import GuardCallback
-    from finitetune.integrations.metrics import MetricsCallback
-    from finitetune.loss import SafeCausalLMLoss
+    from finitetune.integrations.trainer import build_trainer
     from finitetune.precision import choose_precision
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
@@ -250,7 +231,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         if resume_from is None:
             raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
         if main:
-            trim_metrics(out / "metrics.jsonl", int(resume_from.rsplit("-", 1)[-1]))
+            trim_after_checkpoint(out, resume_from)
     elif cfg.eval_before and main:
         # the other ranks wait in the Trainer's first collective meanwhile
         result.eval_before = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
@@ -262,21 +243,12 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     plan = choose_precision(model, device=_train_device(), requested=cfg.precision)
     if main:
         print(f"finitetune: precision: {plan}", flush=True)
-        write_json_atomic(out / "precision.json", plan.to_dict())
+        write_json_atomic(out / run_files.PRECISION, plan.to_dict())
     steps = planned_steps(cfg, len(rows))
-    loss = SafeCausalLMLoss()  # fp32, token-mean over the window; 0 tokens -> 0, not NaN
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(cfg, out, steps, plan),
-        train_dataset=rows,
-        data_collator=CausalLMCollator(tokenizer.pad_token_id, sample_ids=True),
-        compute_loss_func=loss,
-        # the guard first: its counters must be in the logs before the metrics line is written
-        callbacks=[GuardCallback(cfg.guard, output_dir=out, on_fault=Attributor(
-                       model, out, sources={r["index"]: r.get("source") for r in rows})
-                       if cfg.attribution else None, attribution=cfg.attribution),
-                   MetricsCallback(out / "metrics.jsonl", tracker=distributed.AllRanksWindow(loss))],
-    )
+    trainer, _loss = build_trainer(
+        model, training_arguments(cfg, out, steps, plan), rows,
+        pad_token_id=tokenizer.pad_token_id, guard=cfg.guard, attribution=cfg.attribution,
+        sources={r["index"]: r["source"] for r in rows if r.get("source")})
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
@@ -295,35 +267,37 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     return result
 
 
-
-
 def _print_eval(when: str, ev: dict) -> None:
     print(f"finitetune: exact match {when} training: {ev['exact_match']:.1%} "
           f"({ev['correct']}/{ev['total']}), eval loss {ev['eval_loss']:.4f}", flush=True)
-
-
-
-
 
 
 def configure_runtime() -> None:
     """Quiet, full-speed defaults for a CLI run (a library user's process is left alone).
 
     Uses every core of small CPU machines (torch's default can leave one idle), and silences
-    the per-file progress bars of weight loading/saving and a deprecation warning that peft
-    triggers in transformers 5, so the console shows the training log and our own lines.
+    the per-file progress bars of weight loading/saving, so the console shows the training log
+    and our own lines. Warning filters are not touched here (they are process-wide):
+    ``finitetune train`` scopes its own around the run (:func:`quiet_third_party_warnings`).
     """
-    import warnings
-
     import torch
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
     # ranks launched on one machine share its cores (torchrun sets OMP_NUM_THREADS=1 for them)
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     n = max(1, (os.cpu_count() or 1) // local_ranks)
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def quiet_third_party_warnings() -> Iterator[None]:
+    """For the CLI's run only: hide a deprecation warning that peft 0.21 triggers in
+    transformers 5.24 on every LoRA model (not ours to fix, and noise in the training log).
+    Scoped with ``catch_warnings``, so no filter outlives the run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
+        yield

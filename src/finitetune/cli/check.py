@@ -48,14 +48,10 @@ def run(args: argparse.Namespace) -> int:
                       text_field=args.text_field, response_marker=args.response_marker,
                       max_length=args.max_length, template=args.template,
                       truncation=args.truncation, min_response_tokens=args.min_supervised)
-    from finitetune.data.pipeline import tokenize_with, validate_rows
-    from finitetune.data.sources import load_records
+    from finitetune.data.pipeline import load_data_records, tokenize_with, validate_rows
     from finitetune.models import load_tokenizer, resolve_model
 
-    records = load_records(data.path, prompt_field=data.prompt_field,
-                           response_field=data.response_field,
-                           messages_field=data.messages_field,
-                           text_field=data.text_field if data.response_marker else None)
+    records = load_data_records(data)
     tokenizer = load_tokenizer(resolve_model(args.model) if args.model else args.tokenizer)
     report = validate_rows(tokenize_with(records, tokenizer, data), tokenizer, data)
     bad_pct = 100.0 * (report.total - report.usable) / report.total

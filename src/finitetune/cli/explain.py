@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finitetune import run_files
 from finitetune.errors import ReportInputError
 
-EVENTS = "events.jsonl"
 _SHOW = 5
 
 
@@ -37,37 +37,23 @@ def load_events(path: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     """(run directory, events) of RUN_DIR or of an ``events.jsonl`` path.
 
     Raises:
-        ReportInputError: not a run directory, or an unreadable events file.
+        ReportInputError: not a run directory, or an events file with a bad line (named).
     """
     path = Path(path)
     if path.is_file() and path.name.endswith(".jsonl"):
         run_dir, events_file = path.parent, path
     elif path.is_dir():
-        run_dir, events_file = path, path / EVENTS
+        run_dir, events_file = path, path / run_files.EVENTS
+    elif path.exists():
+        raise ReportInputError(f"{path} is a file, not a run directory; give the --output-dir "
+                               f"of `finitetune train` or its {run_files.EVENTS}")
     else:
         raise ReportInputError(f"{path} does not exist; give a finitetune run directory "
                                "(the --output-dir of `finitetune train`)")
-    if not events_file.is_file():
-        if any((run_dir / f).is_file() for f in ("metrics.jsonl", "config.yaml")):
-            return run_dir, []
-        raise ReportInputError(f"{run_dir} has no {EVENTS} and is not a finitetune run "
-                               "directory (no metrics.jsonl or config.yaml)")
-    events = []
-    try:
-        lines = events_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportInputError(f"cannot read {events_file}: {exc}") from exc
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ReportInputError(f"{events_file}:{lineno}: not valid JSON ({exc.msg}); "
-                                   "was the file cut or edited?") from exc
-        if isinstance(event, dict):
-            events.append(event)
-    return run_dir, events
+    if not events_file.is_file() and not run_files.is_run_dir(run_dir):
+        raise ReportInputError(f"{run_dir} has no {run_files.EVENTS} and is not a finitetune "
+                               f"run directory (no {run_files.METRICS} or {run_files.CONFIG})")
+    return run_dir, run_files.read_jsonl(events_file, run_files.Tolerance.STRICT).records
 
 
 def _num(event: dict[str, Any], key: str) -> str:

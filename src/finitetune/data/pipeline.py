@@ -1,6 +1,7 @@
 """Records -> validated training rows, with the label policy applied and explained.
 
-Shared by ``finitetune train`` and ``finitetune check`` so both judge data identically.
+Shared by ``finitetune train`` and ``finitetune check`` (loading included) so both judge data
+identically.
 """
 
 from __future__ import annotations
@@ -10,7 +11,31 @@ from typing import Any
 from finitetune.config import DataConfig, LabelPolicy
 from finitetune.data.labels import ERRORS, LabelReport, validate_labels
 from finitetune.data.tokenize import tokenize_records
-from finitetune.errors import LabelError
+from finitetune.errors import ConfigError, LabelError
+
+
+def load_data_records(data: DataConfig, model: str = "tiny", seed: int = 0) -> list[dict]:
+    """The records ``train`` and ``check`` read: ``data.path`` with its field names, else the
+    embedded task that goes with a built-in ``model``.
+
+    Raises:
+        DataError: the file cannot be read (names file and line).
+        ConfigError: no ``data.path`` and ``model`` has no embedded task.
+    """
+    from finitetune.data.sources import load_records
+
+    if data.path:
+        return load_records(data.path, prompt_field=data.prompt_field,
+                            response_field=data.response_field,
+                            messages_field=data.messages_field,
+                            text_field=data.text_field if data.response_marker else None)
+    from finitetune.data import demo
+
+    if model == "tiny":
+        return demo.tiny_task(1400, seed=seed)
+    if model == "demo":
+        return demo.bbc_topics()
+    raise ConfigError(f"--model {model} has no embedded task: pass --data FILE")
 
 
 def tokenize_with(records: list[dict], tokenizer: Any, data: DataConfig,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -73,7 +74,8 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (a view: in-place ops write the DTensor), else ``tensor``."""
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(tensor, dtensor):
-        return tensor.to_local()
+        shard: Any = tensor
+        return shard.to_local()
     return tensor
 
 
@@ -112,8 +114,9 @@ def grad_replicas(model: torch.nn.Module | None, params: list[torch.Tensor]) -> 
     kinds = set()
     for p in params:
         if dtensor is not None and isinstance(p, dtensor):
-            mesh = p.device_mesh
-            replicas = math.prod(mesh.size(i) for i, pl in enumerate(p.placements)
+            shard: Any = p  # a DTensor: device_mesh and placements exist
+            mesh = shard.device_mesh
+            replicas = math.prod(mesh.size(i) for i, pl in enumerate(shard.placements)
                                  if pl.is_replicate())
             kinds.add(replicas * max(1, world_size() // mesh.size()))
         else:

@@ -128,6 +128,7 @@ class Guard:
     # ---- parameters -------------------------------------------------------------------------
     def refresh_params(self) -> None:
         """Re-read the trainable parameters (call after freezing/unfreezing or adding groups)."""
+        params: list[torch.Tensor]
         if self.model is not None:
             params = [p for p in self.model.parameters() if p.requires_grad]
         else:
@@ -352,7 +353,7 @@ class Guard:
             return
         c["skipped"] += 1
         c["consecutive_skips"] = outcome.consecutive_skips
-        if outcome.action == Action.ROLLBACK:
+        if outcome.action == Action.ROLLBACK and self._snapshot is not None:  # decide() knew
             self._snapshot.restore()
             c["rollbacks"] += 1
         elif outcome.action == Action.REDUCE_LR:

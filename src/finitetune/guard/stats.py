@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from finitetune.foreach import per_tensor_max_abs
 from finitetune.guard.distributed import local_tensor
 
 __all__ = ["GRAD_FIELDS", "LOSS_FIELDS", "GradStats", "LossAccumulator", "acc_dtype"]
@@ -55,9 +56,11 @@ class GradStats:
         # FSDP2 (fully_shard): DTensor gradients; the norms are taken over the local shards
         # (the guard adds the squares up across ranks) and clipping scales the shards in place.
         self.sharded = any(local_tensor(p) is not p for p in self.params)
-        grouped = _group_tensors_by_device_and_dtype([self.params])  # same order torch uses
+        optional: list[torch.Tensor | None] = list(self.params)  # the type torch declares
+        grouped = _group_tensors_by_device_and_dtype([optional])  # same order torch uses
         self.groups: list[tuple[torch.device, torch.dtype, list[torch.Tensor]]] = [
-            (device, dtype, tensors) for (device, dtype), ([tensors], _) in grouped.items()
+            (device, dtype, [t for t in tensors if t is not None])
+            for (device, dtype), ([tensors], _) in grouped.items()
         ]
         self._grads: list[tuple[torch.device, list[torch.Tensor]]] = []
 
@@ -103,7 +106,7 @@ class GradStats:
         inf_elems = torch.zeros((), dtype=self.dtype, device=self.device)
         sq = torch.zeros((), dtype=self.dtype, device=self.device)
         for _, grads in self._grads:
-            max_abs = torch.stack(torch._foreach_norm(grads, float("inf"))).to(self.device)
+            max_abs = per_tensor_max_abs(grads, device=self.device)
             inf_elems = inf_elems + max_abs.isinf().sum().to(self.dtype)
             if self.dtype == torch.float64:
                 n64 = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64))

@@ -199,7 +199,7 @@ class GuardCallback(TrainerCallback, ExportableState):
     # ---- ExportableState ----------------------------------------------------------------------
     def state(self) -> dict:
         """Saved into each checkpoint's ``trainer_state.json`` (strict-JSON-safe numbers)."""
-        attribution = self.attribution
+        attribution: Any = self.attribution
         if isinstance(attribution, AttributionConfig):
             from dataclasses import asdict
 

@@ -22,6 +22,7 @@ from finitetune import distributed
 from finitetune.errors import ConfigError
 from finitetune.integrations.faults import FaultSpec
 from finitetune.integrations.run_manifest import begin_record, end_record
+from finitetune.numerics import IGNORE_INDEX
 
 __all__ = ["FaultInjector", "RunRecorder", "pick_parameter"]
 
@@ -146,7 +147,7 @@ class _EmptyingCollate:
                 raise ConfigError("--inject empty_batch: the batches have no 'labels' tensor "
                                   "to empty (use nan_grad or inf_loss for this trainer)")
             for key in keys:
-                batch[key] = torch.full_like(batch[key], -100)
+                batch[key] = torch.full_like(batch[key], IGNORE_INDEX)
             if ("empty_batch", step) not in self.fired:
                 self.fired.append(("empty_batch", step))
         return batch

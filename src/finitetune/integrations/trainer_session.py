@@ -42,6 +42,7 @@ import torch
 from finitetune.guard.guard import Guard
 from finitetune.guard.policy import Action, StepOutcome
 from finitetune.integrations.trainer_seams import missing_decision_error
+from finitetune.numerics import IGNORE_INDEX
 
 __all__ = ["GuardSession", "supervised_tokens"]
 
@@ -199,4 +200,4 @@ def supervised_tokens(inputs: Any, shifts: bool) -> torch.Tensor | None:
             return None
         if shifts:
             labels = labels[..., 1:]
-    return labels.ne(-100).sum()
+    return labels.ne(IGNORE_INDEX).sum()

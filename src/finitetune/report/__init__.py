@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finitetune import run_files
 from finitetune.jsonio import write_text_atomic
 from finitetune.report.health import HealthReport, health_report
-from finitetune.report.rundir import load_run_dir
+from finitetune.report.run_reader import load_run_dir
 
 __all__ = ["HealthReport", "health_report", "write_reports"]
 
@@ -28,7 +29,7 @@ def write_reports(run_dir: str | os.PathLike, *, vocab_size: int | None = None,
     run_dir = Path(run_dir)
     report = health_report(load_run_dir(run_dir), vocab_size=vocab_size,
                            max_grad_norm=max_grad_norm)
-    write_text_atomic(run_dir / "report.md", report.to_markdown())
-    write_text_atomic(run_dir / "report.json", report.to_json())
-    write_text_atomic(run_dir / "report.html", report.to_html())
+    write_text_atomic(run_dir / run_files.REPORT_MD, report.to_markdown())
+    write_text_atomic(run_dir / run_files.REPORT_JSON, report.to_json())
+    write_text_atomic(run_dir / run_files.REPORT_HTML, report.to_html())
     return report

@@ -6,7 +6,7 @@ markdown fences around the Trainer's printed dicts. The health report must not c
 everything becomes :class:`ParsedLog`. Text is parsed streaming, line by line, with compiled
 regexes and no ``ast``/``eval``: a million-line console capture parses in seconds (the console
 scanner is :mod:`finitetune.report.console`; run directories are read by
-:mod:`finitetune.report.rundir`).
+:mod:`finitetune.report.run_reader`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finitetune.errors import ReportInputError
+from finitetune.jsonio import decode_nonfinite
 
 EXPECTED = (
     "expected a finitetune run directory (metrics.jsonl), a transformers trainer_state.json, "
@@ -75,7 +76,7 @@ def load(source: str | os.PathLike | Iterable[Mapping[str, Any]] | ParsedLog) ->
         return parse_text(sys.stdin.buffer.read().decode("utf-8", "replace"), "<stdin>")
     path = Path(source)
     if path.is_dir():
-        from finitetune.report.rundir import load_dir
+        from finitetune.report.run_reader import load_dir
 
         return load_dir(path)
     if not path.is_file():
@@ -125,18 +126,6 @@ def norm_key(key: str) -> str:
         norm = _ALIASES.get(norm, norm)
         _KEY_CACHE[key] = norm
     return norm
-
-
-def decode_nonfinite(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """Undo finitetune's strict-JSON encoding: ``k: null, k_nonfinite: "nan"`` -> ``k: nan``."""
-    out = dict(entry)
-    for key, value in entry.items():
-        if key.endswith("_nonfinite") and isinstance(value, str):
-            base = key[: -len("_nonfinite")]
-            if out.get(base) is None:
-                out[base] = float(value)
-            del out[key]
-    return out
 
 
 class Collector:
@@ -227,7 +216,7 @@ def load_file(path: Path) -> ParsedLog:
             return whole
     if mode == "jsonl":
         with open_text(path) as fh:
-            return parse_jsonl(fh, str(path), tolerant=False)
+            return parse_jsonl(fh, str(path))
     from finitetune.report.console import parse_console  # imports this module
 
     return parse_console(path, str(path))
@@ -241,7 +230,7 @@ def parse_text(text: str, source: str = "<text>") -> ParsedLog:
         if whole is not None:
             return whole
     if mode == "jsonl":
-        return parse_jsonl(text.split("\n"), source, tolerant=False)
+        return parse_jsonl(text.split("\n"), source)
     from finitetune.report.console import parse_console  # imports this module
 
     return parse_console(text, source)
@@ -290,9 +279,10 @@ def _whole_json(text: str, source: str, strict: bool) -> ParsedLog | None:
     return log
 
 
-def parse_jsonl(lines: Iterable[str], source: str, tolerant: bool) -> ParsedLog:
-    """One JSON object per line. A bad last line is a writer that died mid-line: noted, not
-    fatal. Any other bad line is fatal unless ``tolerant`` (our own run files), then noted."""
+def parse_jsonl(lines: Iterable[str], source: str) -> ParsedLog:
+    """One JSON object per line of someone's log. A bad last line is a writer that died
+    mid-line: noted, not fatal. Any other bad line is fatal. (finitetune's own run files are
+    read by :func:`finitetune.run_files.read_jsonl`.)"""
     col = Collector()
     log = ParsedLog(source, "jsonl")
     bad: list[tuple[int, str]] = []
@@ -302,7 +292,7 @@ def parse_jsonl(lines: Iterable[str], source: str, tolerant: bool) -> ParsedLog:
         if not text:
             continue
         last = lineno
-        if bad and not tolerant:
+        if bad:
             _raise_jsonl(source, *bad[0])
         try:
             entry = json.loads(text)
@@ -315,8 +305,6 @@ def parse_jsonl(lines: Iterable[str], source: str, tolerant: bool) -> ParsedLog:
     for n, _ in bad:
         if n == last:
             log.notes.append(f"{source}, line {n}: truncated last line ignored (writer stopped?)")
-        elif tolerant:
-            log.notes.append(f"{source}, line {n}: not a JSON object, skipped")
     log.lines = lineno
     return col.finish(log)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from finitetune import run_files
 from finitetune.errors import NonFiniteHalt
 from finitetune.jsonio import write_text_atomic
 from finitetune.report import HealthReport, health_report
@@ -184,14 +184,13 @@ def build_trainer(
     setup: Setup, out: Path, rows: list[dict], steps: int, *, guard: Any = None,
     safe_loss: bool = False, lr: float = LR, schedule: str = "constant", warmup_steps: int = 0,
 ) -> tuple[Any, Any]:
-    """A Trainer on a fresh copy of the model; ``guard`` (a GuardConfig) adds finitetune's
-    callback and metrics writer. Returns (trainer, loss tracker or None)."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    """A Trainer on a fresh copy of the model, wired by the same
+    :func:`finitetune.integrations.trainer.build_trainer` as ``finitetune train``; ``guard``
+    (a GuardConfig) adds the guard, attribution and the metrics writer. Returns (trainer, loss
+    tracker or None)."""
+    from transformers import PrinterCallback, TrainingArguments
 
-    from finitetune.data.collate import CausalLMCollator
-    from finitetune.integrations.hf import GuardCallback
-    from finitetune.integrations.metrics import MetricsCallback
-    from finitetune.loss import SafeCausalLMLoss
+    from finitetune.integrations import trainer as wiring
 
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
@@ -200,16 +199,9 @@ def build_trainer(
         use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=SEED,
         data_seed=SEED, remove_unused_columns=False, dataloader_num_workers=0,
     )
-    tracker = SafeCausalLMLoss() if (safe_loss or guard is not None) else None
-    callbacks: list[Any] = []
-    if guard is not None:
-        callbacks = [GuardCallback(guard, output_dir=str(out)),
-                     MetricsCallback(out / "metrics.jsonl", tracker=tracker)]
-    trainer = Trainer(
-        model=setup.fresh_model(), args=args, train_dataset=rows,
-        data_collator=CausalLMCollator(setup.tokenizer.pad_token_id),
-        compute_loss_func=tracker, callbacks=callbacks,
-    )
+    trainer, tracker = wiring.build_trainer(
+        setup.fresh_model(), args, rows, pad_token_id=setup.tokenizer.pad_token_id,
+        guard=guard, safe_loss=safe_loss)
     trainer.remove_callback(PrinterCallback)  # the Trainer's log dicts would bury the tables
     return trainer, tracker
 
@@ -267,10 +259,10 @@ def run_arm(
         seconds = time.perf_counter() - start
         for h in handles:
             h.remove()
-    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    trainer.state.save_to_json(str(out / run_files.TRAINER_STATE))
     report = health_report(out, vocab_size=setup.vocab_size, max_grad_norm=MAX_GRAD_NORM)
-    write_text_atomic(out / "report.md", report.to_markdown())
-    write_text_atomic(out / "report.json", report.to_json())
+    write_text_atomic(out / run_files.REPORT_MD, report.to_markdown())
+    write_text_atomic(out / run_files.REPORT_JSON, report.to_json())
     if recorder is not None:
         bad_loss = recorder.nonfinite_steps()
     else:  # the guarded run's metrics.jsonl logs the true window loss, NaN included
@@ -279,15 +271,9 @@ def run_arm(
                     if v is not None and not math.isfinite(v)]
     return ArmResult(role=role, directory=out, report=report,
                      params_finite=params_finite(trainer.model), true_loss_nonfinite=bad_loss,
-                     events=_events(out / "events.jsonl"), halted=halted, seconds=seconds,
+                     events=run_files.read_jsonl(out / run_files.EVENTS).records,
+                     halted=halted, seconds=seconds,
                      trainer=trainer)
-
-
-def _events(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
 
 
 def prepare_setup(model: str = "tiny", data: str | None = None, rows_needed: int = 320,
@@ -299,14 +285,13 @@ def prepare_setup(model: str = "tiny", data: str | None = None, rows_needed: int
     """
     from finitetune.config import DataConfig
     from finitetune.data.demo import tiny_task
-    from finitetune.data.pipeline import prepare_rows
-    from finitetune.data.sources import load_records
+    from finitetune.data.pipeline import load_data_records, prepare_rows
     from finitetune.models import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(model)
     tokenizer = load_tokenizer(path)
     if data:
-        records, task = load_records(data), f"{data}"
+        records, task = load_data_records(DataConfig(path=data)), f"{data}"
     else:
         records, task = tiny_task(max(400, rows_needed), seed=1), "the tiny word-group task"
     length = max_length or (32 if model == "tiny" else 96)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from finitetune.config import GuardConfig
+from finitetune.numerics import FP16_MAX
 from finitetune.testing import GradFault, OutputFault, assert_same_state
 from finitetune.verify.harness import (
     BATCH,
@@ -232,7 +233,6 @@ def _same_state(a: Any, b: Any) -> tuple[bool, str]:
 
 OVERFLOW_SCALE = 2.0**24
 """How much larger the feed-forward activation is made (a power of two: exact in fp32/bf16)."""
-FP16_MAX = 65504.0
 
 
 class ReducedPrecision:
@@ -343,7 +343,8 @@ def lr_divergence(setup: Setup, root: Path) -> ScenarioResult:
     """
     cfg = GuardConfig(policy="rollback", spike_action="rollback", spike_warmup=4,
                       lr_backoff=0.03)
-    kw = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup", warmup_steps=WARMUP)
+    kw: dict[str, Any] = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup",
+                              warmup_steps=WARMUP)
     rows = setup.take(LR_STEPS * BATCH)
     u = run_arm(setup, root / "unguarded", "unguarded", rows, LR_STEPS, **kw)
     g = run_arm(setup, root / "guarded", "guarded", rows, LR_STEPS, guard=cfg, **kw)

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from finitetune import run_files
 from finitetune.config import TrainConfig
 from finitetune.errors import ConfigError
 from finitetune.jsonio import write_json_atomic, write_text_atomic
@@ -31,7 +32,7 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         if not cfg.overwrite:
             raise ConfigError(f"{out} is not empty; pass --resume to continue that run or "
                               "--overwrite to replace it")
-        if not (out / "config.yaml").exists():
+        if not (out / run_files.CONFIG).exists():
             raise ConfigError(f"refusing to --overwrite {out}: it is not a finitetune run "
                               "directory (no config.yaml); choose another --output-dir")
         shutil.rmtree(out)
@@ -39,13 +40,16 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint: they will be logged again."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+def trim_after_checkpoint(out: Path, checkpoint: str | Path) -> None:
+    """On resume, drop metric and event lines logged after ``checkpoint``: the resumed run
+    logs those steps again, so each is in the files once. Torn lines are repaired (noted in
+    the log)."""
+    step = run_files.checkpoint_step(checkpoint)
+    if step is None:
+        raise ConfigError(f"{checkpoint}: not a checkpoint-<step> folder")
+    for name in (run_files.METRICS, run_files.EVENTS):
+        for note in run_files.trim_jsonl(out / name, step).notes:
+            log.warning("finitetune: resume: %s", note)
 
 
 def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
@@ -63,10 +67,11 @@ def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
     if distributed.is_main_process():
         try:
             out = prepare_output_dir(cfg)
-            write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            write_json_atomic(out / "label_report.json", {**label_report.to_dict(),
-                                                           "policy": label_summary})
-            tokenizer.save_pretrained(out / "tokenizer")
+            write_text_atomic(out / run_files.CONFIG,
+                              yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_json_atomic(out / run_files.LABEL_REPORT, {**label_report.to_dict(),
+                                                              "policy": label_summary})
+            tokenizer.save_pretrained(out / run_files.TOKENIZER_DIR)
             found = (str(out), None)
         except (FinitetuneError, OSError) as exc:
             if not distributed.is_distributed():
@@ -80,23 +85,23 @@ def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     """``final/``: the adapter (LoRA) or the whole model, as safetensors, with its tokenizer."""
-    final = out / "final"
+    final = out / run_files.FINAL_DIR
     trainer.model.save_pretrained(str(final), safe_serialization=True)
     tokenizer.save_pretrained(str(final))
 
 
 def write_eval(out: Path, result: Any) -> None:
     """``eval.json`` from a :class:`~finitetune.recipe.RunResult` (keeps an earlier "before")."""
-    previous = {}
-    if (out / "eval.json").exists():
-        previous = json.loads((out / "eval.json").read_text())
+    previous: dict[str, Any] = {}
+    if (out / run_files.EVAL).exists():
+        previous = json.loads((out / run_files.EVAL).read_text())
     ev = {
         "before": result.eval_before or previous.get("before"),
         "after": result.eval_after,
         "global_step": result.global_step,
         "train_seconds": result.train_seconds,
     }
-    write_json_atomic(out / "eval.json", ev)
+    write_json_atomic(out / run_files.EVAL, ev)
 
 
 def write_reports(out: Path) -> None:

@@ -12,60 +12,44 @@ import os
 from pathlib import Path
 from typing import Any
 
+from finitetune import run_files
 from finitetune.errors import ReportInputError
-from finitetune.report.parse import (
-    EXPECTED,
-    ParsedLog,
-    decode_nonfinite,
-    load_file,
-    open_text,
-    parse_jsonl,
-)
-
-RUN_FILES = ("metrics.jsonl", "events.jsonl", "eval.json", "label_report.json", "config.yaml")
+from finitetune.jsonio import decode_nonfinite
+from finitetune.report.parse import EXPECTED, Collector, ParsedLog, load_file
 
 
 def load_dir(path: Path) -> ParsedLog:
     """A finitetune run directory, else a Trainer output dir (its newest trainer_state.json)."""
-    if any((path / name).exists() for name in RUN_FILES):
+    if run_files.is_run_dir(path):
         return load_run_dir(path)
-    checkpoints = sorted(path.glob("checkpoint-*/trainer_state.json"), key=_checkpoint_number)
-    states = [path / "trainer_state.json", *reversed(checkpoints)]  # newest checkpoint first
+    states = [path / run_files.TRAINER_STATE,  # then the newest checkpoint first
+              *(c / run_files.TRAINER_STATE for c in reversed(run_files.checkpoints(path)))]
     for state in states:
         if state.is_file():
             return load_file(state)
-    raise ReportInputError(f"{path}: a directory without metrics.jsonl or trainer_state.json; "
-                           f"{EXPECTED}")
-
-
-def _checkpoint_number(state: Path) -> int:
-    suffix = state.parent.name.rsplit("-", 1)[-1]
-    return int(suffix) if suffix.isdigit() else -1
+    raise ReportInputError(f"{path}: a directory without {run_files.METRICS} or "
+                           f"{run_files.TRAINER_STATE}; {EXPECTED}")
 
 
 def load_run_dir(path: str | os.PathLike) -> ParsedLog:
     """A finitetune run directory; tolerant of missing or half-written files (early stops)."""
     path = Path(path)
     log = ParsedLog(str(path), "run_dir")
-    metrics = path / "metrics.jsonl"
+    metrics = path / run_files.METRICS
     if metrics.is_file():
-        with open_text(metrics) as fh:
-            parsed = parse_jsonl(fh, metrics.name, tolerant=True)
-        log.records, log.evals, log.summary = parsed.records, parsed.evals, parsed.summary
-        log.lines, log.notes = parsed.lines, parsed.notes
+        read = run_files.read_jsonl(metrics, run_files.Tolerance.TOLERANT)
+        collector = Collector()
+        for record in read.records:
+            collector.add(record)
+        collector.finish(log)
+        log.lines, log.notes = read.lines, [*log.notes, *read.notes]
     else:
-        log.notes.append("metrics.jsonl is missing: no training step was logged")
-    events = path / "events.jsonl"
-    if events.is_file():
-        with open_text(events) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        log.events.append(decode_nonfinite(json.loads(line)))
-                    except (ValueError, AttributeError):
-                        log.notes.append(f"events.jsonl, line {lineno}: unreadable, skipped")
-    log.eval = _read_json(path / "eval.json", log)
-    log.labels = _read_json(path / "label_report.json", log)
+        log.notes.append(f"{run_files.METRICS} is missing: no training step was logged")
+    events = run_files.read_jsonl(path / run_files.EVENTS, run_files.Tolerance.TOLERANT,
+                                  decode=True)
+    log.events, log.notes = events.records, [*log.notes, *events.notes]
+    log.eval = _read_json(path / run_files.EVAL, log)
+    log.labels = _read_json(path / run_files.LABEL_REPORT, log)
     _read_config(path, log)
     return log
 
@@ -87,11 +71,11 @@ def _read_json(path: Path, log: ParsedLog) -> dict[str, Any] | None:
 def _read_config(path: Path, log: ParsedLog) -> None:
     """Clip value and vocabulary size, when the run recorded them (config.yaml, config.json)."""
     cfg: Any = None
-    if (path / "config.yaml").is_file():
+    if (path / run_files.CONFIG).is_file():
         try:
             import yaml  # lazy: only run directories need it
 
-            cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+            cfg = yaml.safe_load((path / run_files.CONFIG).read_text(encoding="utf-8"))
         except Exception as exc:  # a broken config must not stop the report of a dead run
             log.notes.append(f"config.yaml unreadable ({type(exc).__name__}), ignored")
     if isinstance(cfg, dict):
@@ -100,8 +84,8 @@ def _read_config(path: Path, log: ParsedLog) -> None:
             if isinstance(value, (int, float)) and value > 0:
                 log.max_grad_norm = float(value)
                 break
-    model_configs = [path / "config.json", path / "final" / "config.json",
-                     *sorted(path.glob("checkpoint-*/config.json"))]
+    model_configs = [path / "config.json", path / run_files.FINAL_DIR / "config.json",
+                     *(c / "config.json" for c in run_files.checkpoints(path))]
     for candidate in (cfg, *(_read_json(p, log) for p in model_configs)):
         vocab = _find_key(candidate, "vocab_size")
         if isinstance(vocab, int) and vocab > 1:
