@@ -184,6 +184,22 @@ def test_wraps_are_undone_after_an_exception_and_nothing_is_logged_afterwards(tm
     assert not any(k.startswith("guard/") for k in t.state.log_history[-1])
 
 
+def test_wraps_are_undone_after_a_halt(tmp_path):
+    # Fault: NaN at step 2 with max_consecutive_skips=0 (halt at once). Must: NonFiniteHalt
+    # after training stopped; optimizer step and scheduler are the originals again.
+    from finitetune import NonFiniteHalt
+
+    snap = Snapshots()
+    t = Trainer(model=tiny_llama(), args=args(tmp_path, 4), train_dataset=rows(),
+                callbacks=[snap, GuardCallback(GuardConfig(max_consecutive_skips=0))])
+    GradFault(t.model, UP, math.nan, at={2})
+    with pytest.raises(NonFiniteHalt):
+        t.train()
+    assert t.state.global_step == 2 and same(params(t.model), snap.after[1])
+    assert t.optimizer.__dict__.get("step") is snap.optimizer_step
+    assert t.lr_scheduler is snap.scheduler
+
+
 def test_remove_callback_unguards_the_trainer(tmp_path):
     # Fault: NaN gradient at step 2 after the user removed the GuardCallback. Must: the Trainer
     # trains as plain transformers does (the NaN step is applied, weights go NaN), no events.
