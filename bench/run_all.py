@@ -52,6 +52,7 @@ BENCHES = [
           "50k examples instead of 100k: the ratio is per example, the time halves"),
     Bench("loss", "bench.bench_loss", []),  # default size: the README's 0.33x is stated for it
     Bench("report", "bench.bench_report", []),
+    Bench("watch", "bench.bench_watch", []),
     Bench("tiny", "bench.bench_demo", ["--model", "tiny"]),
     Bench("demo", "bench.bench_demo", []),
 ]
@@ -80,6 +81,7 @@ SYNCS = "Gradient guard: host syncs per optimizer step"
 LABELS = "Label validation cost (issue 3)"
 LOSS = "causal_lm_loss vs transformers ForCausalLMLoss"
 REPORT = "Health report: parse of a noisy console log"
+WATCH = "finitetune watch: CPU while following a log"
 DEMO = "Demo: SmolLM2-135M LoRA on BBC topics (issue 2)"
 TINY = "Tiny model on its generated task (issue 2)"
 
@@ -110,6 +112,8 @@ TARGETS = [
            "issue 4 asks for the time as a ratio; 1.25 proposed", "x"),
     Target("health report", "parse + statistics of 1,000,000 log lines", REPORT,
            r"\| health_report\(path\)[^|]*\|\s*([\d.]+)", "<=", 5.0, "issue 9", " s"),
+    Target("watch", "CPU of one core, following 10,000 lines/s", WATCH,
+           r"Worst case: ([\d.]+) % of one core", "<=", 20.0, "issue 15 (< 20 %)", "%"),
     Target("demo", "exact match after training", DEMO,
            r"\| exact match after training \|\s*([\d.]+)%", ">=", 90.0, "issue 2", "%"),
     Target("demo", "training time / 180 s budget", DEMO,

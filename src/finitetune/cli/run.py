@@ -196,12 +196,12 @@ def _ranks_note(checksums: list[float | None]) -> str:
 
 
 def _print_report(events_dir: str, out: Any) -> None:
-    from finitetune.report import health_report
+    from finitetune.report import health_report, to_markdown
 
     try:
         report = health_report(events_dir)
     except FinitetuneError as exc:
         print(f"finitetune run: no report for {events_dir}: {exc}", file=out)
         return
-    out.write(report.to_markdown())
+    out.write(to_markdown(report))
     out.flush()
