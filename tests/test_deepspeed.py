@@ -384,3 +384,73 @@ def test_finitetune_train_deepspeed_zero2_under_torchrun(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "bad.json, line 2" in done.stderr, done.stderr[-2000:]
     assert not out2.exists()
+
+
+# --------------------------------------------------------------------------- finitetune run
+
+_SCRIPT = '''"""A plain Trainer script with a DeepSpeed ZeRO-2 config: no finitetune in it."""
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2, max_position_embeddings=8))
+rows = []
+for i in range(24):
+    ids = torch.randint(0, 32, (8,), generator=torch.Generator().manual_seed(i))
+    labels = ids.clone()
+    labels[:4] = -100
+    rows.append({"input_ids": ids, "labels": labels})
+zero2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+         "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+         "gradient_clipping": "auto"}
+args = TrainingArguments(output_dir=sys.argv[1], max_steps=5, per_device_train_batch_size=2,
+                         learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                         logging_steps=1, disable_tqdm=True, remove_unused_columns=False,
+                         deepspeed=zero2)
+trainer = Trainer(model=model, args=args, train_dataset=rows)
+trainer.train()
+finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+print(f"rank {trainer.args.process_index}: finite {finite}, "
+      f"skipped_steps {trainer.model_wrapped.skipped_steps}", flush=True)
+'''
+
+
+def test_finitetune_run_accelerate_launch_zero2_script_with_injected_nan(tmp_path):
+    """Issue 16 done-when: ``finitetune run --inject nan_grad@3 -- accelerate launch
+    --multi_gpu --num_processes 2 SCRIPT`` on a Trainer script with a ZeRO-2 config (no
+    finitetune in it): step 3 is skipped on both ranks, one event, finite weights, and
+    DeepSpeed's own ``skipped_steps`` agrees."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from finitetune.testing import free_port
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    launcher = str(launcher) if launcher.exists() else shutil.which("accelerate")
+    script = tmp_path / "train_ds.py"
+    script.write_text(_SCRIPT)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "finitetune", "run", "--inject", "nan_grad@3", "--",
+           launcher, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(free_port()), str(script), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail(f"finitetune run -- accelerate launch did not finish within {TIMEOUT} s")
+    assert proc.returncode == 0, text[-3000:]
+    assert "rank 0: finite True, skipped_steps 1" in text, text[-3000:]
+    assert "rank 1: finite True, skipped_steps 1" in text, text[-3000:]
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["reason"], e["action"], e["world_size"]) for e in events] == [
+        (3, "nonfinite_grad", "skip", 2)]

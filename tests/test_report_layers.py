@@ -18,7 +18,7 @@ VIEWS = {"finitetune.report.render", "finitetune.report.html", "finitetune.repor
          "finitetune.report.live"}
 MODEL = {"finitetune.report.health", "finitetune.report.stats", "finitetune.report.rules",
          "finitetune.report.rules.base", "finitetune.report.rules.nonfinite",
-         "finitetune.report.rules.progress"}
+         "finitetune.report.rules.progress", "finitetune.report.run_status"}
 LOADING = {"finitetune.report.records", "finitetune.report.names", "finitetune.report.fmt",
            "finitetune.report.console", "finitetune.report.fragments",
            "finitetune.report.load", "finitetune.report.run_reader",

@@ -137,7 +137,7 @@ def _cuda_available() -> bool:
 def planned_steps(cfg: TrainConfig, n_train: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                 * distributed.world_size())  # each rank reads its own share of an epoch
@@ -153,7 +153,7 @@ def run_training(cfg: TrainConfig) -> RunResult:
     Under a multi-process launcher this joins the process group first and destroys it at the
     end (also after an error), so ``torchrun`` sees every rank exit.
     """
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     joined = _init_distributed()
     try:
@@ -172,7 +172,7 @@ def _init_distributed() -> bool:
     """
     import torch
 
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     if not distributed.launched_distributed() or torch.distributed.is_initialized():
         return False
@@ -183,8 +183,8 @@ def _init_distributed() -> bool:
 
 
 def _run_training(cfg: TrainConfig) -> RunResult:
+    from finitetune import distributed
     from finitetune.data.pipeline import describe, load_data_records, prepare_rows, tokenize_with
-    from finitetune.guard import distributed
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision import choose_precision
 
@@ -268,8 +268,8 @@ def _last_checkpoint(cfg: TrainConfig) -> str | None:
 
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
                         result: RunResult, args: Any, resume_from: str | None) -> RunResult:
+    from finitetune import distributed
     from finitetune.evaluation import eval_loss, exact_match
-    from finitetune.guard import distributed
     from finitetune.integrations.trainer import build_trainer
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains

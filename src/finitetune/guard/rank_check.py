@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from finitetune import distributed
 from finitetune.config import GuardConfig, RankMismatchAction
-from finitetune.guard import distributed
+from finitetune.guard.distributed import rank_slots
 from finitetune.guard.policy import (
     Action,
     Decision,
@@ -113,7 +114,7 @@ class RankCheck:
         grad_sq = grad_vec[0] if self.grads else zero
         checksum = self.checksum(grad_vec.device, grad_vec.dtype) if self.checksum_due(step) \
             else zero
-        return torch.cat([distributed.rank_slots(grad_sq), distributed.rank_slots(checksum)])
+        return torch.cat([rank_slots(grad_sq), rank_slots(checksum)])
 
     @torch.no_grad()
     def checksum(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -3,8 +3,10 @@
 Under DeepSpeed the Trainer's backward (accelerate's ``DeepSpeedEngineWrapper.backward``) calls
 ``engine.step()``, which calls the ZeRO optimizer's ``step``: that is where DeepSpeed computes
 the global norm, decides on overflow, clips and updates, all *before* any Trainer hook runs; the
-Trainer's own ``optimizer.step()`` is then a no-op. So the guard sits there too
-(:class:`ZeroSeam`), on four seams, all undone at the end of ``train()``:
+Trainer's own ``optimizer.step()`` is then a no-op. So the guard sits there too: a
+:class:`ZeroSession` (the Trainer integration's
+:class:`~finitetune.integrations.trainer_session.GuardSession`, moved into DeepSpeed's step)
+wraps, for the run, and undoes however it ends:
 
 - ``zero_optimizer.step`` (instance-level wrapper): before DeepSpeed touches anything, the guard
   reads this rank's gradient *partition* (``averaged_gradients``: the reduced gradients ZeRO
@@ -18,8 +20,8 @@ Trainer's own ``optimizer.step()`` is then a no-op. So the guard sits there too
 - the forced overflow: ZeRO-1/2's ``check_overflow`` (also when ``bf16.check_grad_overflow``
   is off, which is the case where DeepSpeed alone would apply a NaN step), ZeRO-3's
   ``_overflow_check_and_loss_scale_update``;
-- ``engine.backward``: feeds the micro-batch loss to the guard before the step it belongs to;
-- ``trainer.training_step``: pops ``sample_ids`` and counts the supervised tokens.
+- ``engine.backward``: feeds the micro-batch loss to the guard before the step it belongs to
+  (the supervised tokens come from the session's ``training_step``, as without DeepSpeed).
 
 The guard itself, over this rank's gradient partition, is
 :class:`~finitetune.integrations.deepspeed_guard.ZeroGuard`.
@@ -39,19 +41,22 @@ Cross-rank checks: parameters are replicated under ZeRO-1/2 (checksummed every
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from finitetune import distributed
 from finitetune.config import GuardConfig
-from finitetune.errors import ConfigError, NonFiniteHalt
-from finitetune.guard import distributed
-from finitetune.guard.policy import Action, StepOutcome
+from finitetune.errors import ConfigError
+from finitetune.guard.policy import Action
 from finitetune.integrations.deepspeed_guard import ZeroGuard
+from finitetune.integrations.trainer_seams import missing_decision_error
+from finitetune.integrations.trainer_session import GuardSession
 
-__all__ = ["SEAMS", "TESTED", "ZeroGuard", "ZeroSeam", "check", "load_config", "make_guard"]
+__all__ = ["SEAMS", "TESTED", "ZeroGuard", "ZeroSession", "check", "load_config", "make_guard"]
 
 logger = logging.getLogger("finitetune.guard")
 
@@ -157,38 +162,30 @@ def check(engine: Any, config: GuardConfig) -> int:
     return stage
 
 
-def make_guard(trainer: Any, config: GuardConfig, *, output_dir: Any, on_fault: Any) -> ZeroGuard:
+def make_guard(trainer: Any, config: GuardConfig, *, output_dir: Any, on_fault: Any,
+               start_step: int = 0) -> ZeroGuard:
     """The guard for a Trainer running under DeepSpeed (after :func:`check`)."""
     engine = engine_of(trainer)
     check(engine, config)
     return ZeroGuard(engine, trainer.model, config, trainer.lr_scheduler,
-                     output_dir=output_dir, on_fault=on_fault)
+                     output_dir=output_dir, on_fault=on_fault, start_step=start_step)
 
 
-class ZeroSeam:
-    """The guard's four seams in a DeepSpeed run (module docstring); :meth:`uninstall` undoes
-    them. ``on_halt`` receives the :class:`~finitetune.NonFiniteHalt` of a halting step."""
+class ZeroSession(GuardSession):
+    """The :class:`~finitetune.integrations.trainer_session.GuardSession` of a Trainer under
+    DeepSpeed: the decision moves into the ZeRO optimizer's ``step`` (module docstring).
 
-    def __init__(self, trainer: Any, guard: ZeroGuard,
-                 on_halt: Callable[[NonFiniteHalt], None]) -> None:
-        self.trainer = trainer
-        self.guard = guard
-        self.on_halt = on_halt
-        self.outcome: StepOutcome | None = None
-        self._tokens: Any = None
-        self._patches: list[tuple[Any, str, Any]] = []
+    Its extra seams (``engine.backward``, the ZeRO optimizer's ``step``) are wrapped and undone
+    like the session's own. The Trainer still asks for the norm (``_clip_grad_norm``) and steps
+    accelerate's no-op optimizer wrapper afterwards: both find the decision already taken; the
+    LR scheduler is held by DeepSpeed's overflow flag, not by the session.
+    """
 
-    def install(self) -> ZeroSeam:
-        from finitetune.integrations.hf import _supervised_tokens
-
-        guard, trainer, engine = self.guard, self.trainer, self.guard.engine
-        shifts = getattr(trainer, "_loss_shifts_labels", True)
-        training_step, backward, step = trainer.training_step, engine.backward, guard.zero.step
-
-        def guarded_training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            inputs = guard.observe_batch(inputs)  # pops sample_ids; kept for attribution
-            self._tokens = _supervised_tokens(inputs, shifts)
-            return training_step(model, inputs, *args, **kwargs)
+    def __init__(self, trainer: Any, guard: ZeroGuard, *, shifts_labels: bool) -> None:
+        super().__init__(trainer, guard, shifts_labels=shifts_labels)
+        self.zero_guard = guard
+        self._tokens: torch.Tensor | None = None
+        backward, step = guard.engine.backward, guard.zero.step
 
         def guarded_backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
             # before the backward whose engine.step() decides: this micro-batch belongs to it
@@ -198,19 +195,33 @@ class ZeroSeam:
             return backward(loss, *args, **kwargs)
 
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
-            return self._step(step, *args, **kwargs)
+            return self._zero_step(step, *args, **kwargs)
 
-        self._patch(trainer, "training_step", guarded_training_step)
-        self._patch(engine, "backward", guarded_backward)
-        self._patch(guard.zero, "step", guarded_step)
-        return self
+        self._wrap(guard.engine, "backward", guarded_backward)
+        self._wrap(guard.zero, "step", guarded_step)
 
-    def _step(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def before_micro_batch(self, inputs: Any) -> tuple[Any, torch.Tensor | None]:
+        inputs, tokens = super().before_micro_batch(inputs)
+        self._tokens = tokens  # for engine.backward, which feeds the loss to the guard
+        return inputs, tokens
+
+    def after_micro_batch(self, loss: Any, tokens: torch.Tensor | None) -> None:
+        """Nothing: the loss reached the guard in ``engine.backward``, before its step."""
+
+    def decide(self) -> float:
+        """The Trainer asks for the norm after DeepSpeed's step: the decision is taken."""
+        if self.pending is None:
+            raise ConfigError(f"DeepSpeed updated the model without the gradient guard's "
+                              f"decision (its ZeRO optimizer step was not reached; tested with "
+                              f"{TESTED}): install deepspeed==0.19.8 or train without the guard.")
+        return self.pending.grad_norm
+
+    def _zero_step(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """The ZeRO optimizer's step, decided by the guard first (every rank, same decision)."""
-        guard, zo = self.guard, self.guard.zero
-        # COLLECTIVE + HOST SYNC: the guard's one all-reduce and one read (Guard.check)
-        outcome = guard.check(step=self.trainer.state.global_step + 1)
-        self.outcome = outcome
+        guard, zo = self.zero_guard, self.zero_guard.zero
+        GuardSession.decide(self)  # COLLECTIVE + HOST SYNC: the guard's one all-reduce and read
+        outcome = self.pending
+        assert outcome is not None  # set by decide
         if outcome.action == Action.ROLLBACK:
             # the guard restored the fp32 master partitions; the model's weights follow them
             zo.update_lp_params()  # COLLECTIVE (all-gather), on every rank alike
@@ -221,20 +232,30 @@ class ZeroSeam:
         zo._global_grad_norm = outcome.grad_norm  # the Trainer logs the true pre-clip norm
         if guard.config.scheduler_on_skip and guard.scheduler is not None:
             guard.scheduler.step()  # the Trainer holds it (overflow flag): advance it here
-        if outcome.action == Action.HALT:
-            self.on_halt(guard.halt_error(outcome))
         return result
+
+    def _guarded_optimizer_step(self, optimizer: Any) -> Any:
+        step = optimizer.step
+
+        @functools.wraps(step)
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            outcome, self.pending = self.pending, None
+            if outcome is None:  # DeepSpeed's step did not reach the guard: never unnoticed
+                raise missing_decision_error(self.guard.max_grad_norm)
+            return step(*args, **kwargs)  # accelerate's no-op: DeepSpeed stepped or skipped
+
+        return guarded_step
 
     @contextlib.contextmanager
     def _forced_overflow(self) -> Iterator[None]:
         """Make DeepSpeed's overflow check report an overflow for one step (no collective)."""
-        zo = self.guard.zero
+        zo = self.zero_guard.zero
 
         def overflow(*args: Any, **kwargs: Any) -> bool:
             zo.overflow = True
             return True
 
-        if self.guard.stage == 3:
+        if self.zero_guard.stage == 3:
             name, saved = "_overflow_check_and_loss_scale_update", []
         else:  # also when bf16.check_grad_overflow is off: the check is then not even called
             name, saved = "check_overflow", [("check_grad_overflow", zo.check_grad_overflow)]
@@ -249,19 +270,3 @@ class ZeroSeam:
             if not zo.overflow:  # the seam did nothing: never leave that unnoticed
                 raise RuntimeError(f"DeepSpeed's step did not take its overflow path (tested "
                                    f"with {TESTED}); the step may have been applied")
-
-    def _patch(self, obj: Any, name: str, value: Any) -> None:
-        self._patches.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        setattr(obj, name, value)
-
-    def uninstall(self) -> None:
-        """Undo every wrapper (also after an exception or a halt)."""
-        for obj, name, old in reversed(self._patches):
-            if old is _MISSING:
-                obj.__dict__.pop(name, None)
-            else:
-                setattr(obj, name, old)
-        self._patches = []
-
-
-_MISSING = object()

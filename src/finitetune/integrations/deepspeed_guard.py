@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from finitetune import distributed
 from finitetune.config import GuardConfig
-from finitetune.guard import distributed
 from finitetune.guard.guard import Guard
 from finitetune.guard.policy import StepOutcome
 from finitetune.guard.rank_check import RankCheck
@@ -123,7 +123,8 @@ class ZeroGuard(Guard):
     """
 
     def __init__(self, engine: Any, model: torch.nn.Module, config: GuardConfig,
-                 scheduler: Any = None, *, output_dir: Any = None, on_fault: Any = None) -> None:
+                 scheduler: Any = None, *, output_dir: Any = None, on_fault: Any = None,
+                 start_step: int = 0) -> None:
         self.engine = engine
         self.zero = engine.optimizer
         self.stage = int(engine.zero_optimization_stage())
@@ -131,9 +132,11 @@ class ZeroGuard(Guard):
         fp16 = getattr(self.zero, "dynamic_loss_scale", False)
         self._zero_stats = ZeroGradStats(self.zero)
         scaler = _LossScaleOverflow(self._zero_stats) if fp16 else None
+        # DeepSpeed clips (gradient_clipping); the guard knows the value for its pinned-norm
+        # warning and the event's "clipped", and never clips itself (ZeroGradStats.clip_)
         super().__init__(None, self.zero, config, scheduler, scaler=scaler,
-                         output_dir=output_dir, on_fault=on_fault)
-        self.max_grad_norm = float(engine.gradient_clipping() or 0.0)
+                         output_dir=output_dir, on_fault=on_fault, start_step=start_step,
+                         max_grad_norm=float(engine.gradient_clipping() or 0.0))
         self._user_hook = self.on_fault
         self.on_fault = self._attribute  # every non-applied step: the hook, then the partition
 

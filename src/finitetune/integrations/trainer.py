@@ -45,8 +45,8 @@ def build_trainer(
     from transformers import Trainer
 
     from finitetune.data.collate import CausalLMCollator
+    from finitetune.distributed import AllRanksWindow
     from finitetune.guard.attribution import Attributor
-    from finitetune.guard.distributed import AllRanksWindow
     from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.metrics import MetricsCallback
     from finitetune.loss import SafeCausalLMLoss
@@ -56,7 +56,8 @@ def build_trainer(
     callbacks: list[Any] = []
     if guard is not None:
         on_fault = Attributor(model, out, sources=sources) if attribution else None
-        callbacks = [GuardCallback(guard, output_dir=str(out), on_fault=on_fault),
+        callbacks = [GuardCallback(guard, output_dir=str(out), on_fault=on_fault,
+                                   attribution=attribution),
                      MetricsCallback(out / run_files.METRICS, tracker=AllRanksWindow(tracker))]
     trainer = (trainer_cls or Trainer)(
         model=model, args=args, train_dataset=train_dataset,
