@@ -149,7 +149,7 @@ class GuardCallback(TrainerCallback, ExportableState):
         session_cls: type[GuardSession] = GuardSession
         if getattr(trainer, "is_deepspeed_enabled", False):  # the decision inside ZeRO's step
             from finitetune.integrations.deepspeed import ZeroSession as session_cls
-        session = session_cls(trainer, self.guard,  # type: ignore[arg-type]
+        session = session_cls(trainer, self.guard,
                               shifts_labels=trainer._loss_shifts_labels)  # a checked seam
         trainer.__dict__["_finitetune_session"] = session
         # bound late (the callback reached the Trainer some other way): no train() wrapper
