@@ -122,9 +122,8 @@ def check_parallelism(trainer: Any) -> None:
     Supported: one device, DDP (``torchrun`` / ``accelerate launch``; gradients replicated) and
     FSDP2 (gradients are DTensor shards; the guard adds up the squared shard norms), and
     DeepSpeed ZeRO-1/2/3 (its own checks: :mod:`finitetune.integrations.deepspeed`). FSDP1's
-    flat shards are not read by the guard; and on
-    CPU accelerate silently drops the Trainer's FSDP option and trains with DDP, which would
-    leave a user believing the model is sharded.
+    flat shards are not read by the guard; and on CPU accelerate silently drops the Trainer's
+    FSDP option and trains with DDP, which would leave a user believing the model is sharded.
     """
     args = trainer.args
     if getattr(trainer, "is_deepspeed_enabled", False):
