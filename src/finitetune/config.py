@@ -56,6 +56,31 @@ class SpikeAction(str, Enum):
     """Stop training."""
 
 
+class RollbackSource(str, Enum):
+    """Where a ``rollback`` restores the last good state from."""
+
+    MEMORY = "memory"
+    """A copy of the trainable parameters and their optimizer state kept next to them (RAM or
+    GPU), refreshed after every good step: instant, costs one copy of the trainable state."""
+    DISK = "disk"
+    """The newest healthy checkpoint the run saved (``save_steps``): no extra memory; costs a
+    load, and the steps since that checkpoint are redone with the next data (their batches
+    are skipped)."""
+
+
+class BadSampleSkip(str, Enum):
+    """Which remembered samples (``bad_samples.jsonl``) a resumed or restarted run leaves out."""
+
+    OFF = "off"
+    """Remember them, skip nothing."""
+    CULPRITS = "culprits"
+    """The samples attribution's replay found non-finite; the step's samples when it found none."""
+    STEP = "step"
+    """Every sample of a step skipped or rolled back for a fault."""
+    WINDOW = "window"
+    """Those, plus the samples of ``bad_sample_window`` steps before and after it."""
+
+
 @dataclass
 class GuardConfig:
     """Settings of :class:`finitetune.Guard` and :class:`finitetune.GuardCallback`.
@@ -125,11 +150,27 @@ class GuardConfig:
     many consecutive applied steps (a sign that something upstream clips or zeroes the
     gradients). 0 disables."""
 
+    rollback_to: RollbackSource | str = RollbackSource.MEMORY
+    """Where ``rollback`` restores from: ``memory`` (one in-memory copy of the trainable state)
+    or ``disk`` (the newest healthy checkpoint of the run; for full fine-tunes too large to
+    copy). Needs checkpoints (``save_steps``); until the first one, a rollback is a skip."""
+
+    skip_bad_samples: BadSampleSkip | str = BadSampleSkip.STEP
+    """On resume, on-disk rollback or a later epoch, leave out the remembered samples of steps
+    skipped or rolled back for a fault: ``off``, ``culprits``, ``step`` or ``window``."""
+
+    bad_sample_window: int = 2
+    """With ``skip_bad_samples=window``: optimizer steps before and after a faulty one whose
+    samples are also remembered and left out."""
+
     def __post_init__(self) -> None:
         self.policy = _enum(GuardPolicy, self.policy, "guard policy")
         self.spike_action = _enum(SpikeAction, self.spike_action, "guard spike_action")
+        self.rollback_to = _enum(RollbackSource, self.rollback_to, "guard rollback_to")
+        self.skip_bad_samples = _enum(BadSampleSkip, self.skip_bad_samples,
+                                      "guard skip_bad_samples")
         for name in ("max_consecutive_skips", "max_rollbacks", "zero_loss_patience",
-                     "pinned_norm_patience"):
+                     "pinned_norm_patience", "bad_sample_window"):
             _check(self, name, lambda v: isinstance(v, int) and v >= 0, "an int >= 0")
         for name in ("spike_window", "spike_warmup", "snapshot_every"):
             _check(self, name, lambda v: isinstance(v, int) and v >= 1, "an int >= 1")

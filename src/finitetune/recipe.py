@@ -28,13 +28,7 @@ from finitetune import run_files
 from finitetune.config import TrainConfig
 from finitetune.errors import ConfigError
 from finitetune.jsonio import write_json_atomic
-from finitetune.run_writer import (
-    make_run_dir,
-    save_final,
-    trim_after_checkpoint,
-    write_eval,
-    write_reports,
-)
+from finitetune.run_writer import make_run_dir, save_final, write_eval, write_reports
 
 log = logging.getLogger("finitetune")
 
@@ -213,22 +207,16 @@ def _run_training(cfg: TrainConfig) -> RunResult:
 
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
                         result: RunResult) -> RunResult:
-    from transformers.trainer_utils import get_last_checkpoint
-
     from finitetune.evaluation import eval_loss, exact_match
     from finitetune.guard import distributed
+    from finitetune.integrations.checkpoint_callback import load_checkpoint_weights
     from finitetune.integrations.trainer import build_trainer
     from finitetune.precision import choose_precision
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
-    resume_from = None
-    if cfg.resume:
-        resume_from = get_last_checkpoint(str(out))
-        if resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
-        if main:
-            trim_after_checkpoint(out, resume_from)
-    elif cfg.eval_before and main:
+    resume = _resume_plan(out, main) if cfg.resume else None
+    resume_from = resume.path if resume is not None else None
+    if resume_from is None and cfg.eval_before and main and not (out / run_files.EVAL).exists():
         # the other ranks wait in the Trainer's first collective meanwhile
         result.eval_before = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
         result.eval_before["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
@@ -247,12 +235,17 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         sources={r["index"]: r.get("source") for r in rows})
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        if resume is not None and resume.checkpoint is not None and resume.step >= steps:
+            # killed after its last checkpoint: train nothing more (not one step past the end)
+            load_checkpoint_weights(trainer, resume_from)
+            trainer.state.global_step = resume.step
+        else:
+            trainer.train(resume_from_checkpoint=resume_from)
     finally:
         result.train_seconds = round(time.perf_counter() - start, 2)
         result.global_step = trainer.state.global_step
-        if main:
-            save_final(trainer, tokenizer, out)
+    if main:  # only after training finished: a failed run leaves no final/
+        _save_final_if_finite(trainer, tokenizer, out)
     if not main:
         return result  # evaluation (generation) runs on rank 0 only
     print(f"finitetune: trained {result.global_step} steps in {result.train_seconds:.1f} s",
@@ -261,6 +254,32 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     result.eval_after["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
     _print_eval("after", result.eval_after)
     return result
+
+
+def _resume_plan(out: Path, main: bool) -> Any:
+    """``--resume``: rank 0 picks the newest healthy checkpoint (sets aside the others, repairs
+    and trims the logs); every rank gets its choice (COLLECTIVE when distributed)."""
+    from finitetune.checkpoints import inspect_checkpoint
+    from finitetune.guard import distributed
+    from finitetune.resume import ResumePlan, prepare_resume
+
+    plan = prepare_resume(out) if main else ResumePlan(None)  # logs what it chose and why
+    path = distributed.broadcast_object(plan.path)  # the others wait for rank 0's renames
+    if not main and path is not None:
+        plan.checkpoint = inspect_checkpoint(path, scan=False)
+    return plan
+
+
+def _save_final_if_finite(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """``final/`` only from a finite model (a NaN model is never handed on as the result)."""
+    from finitetune.guard.state_check import check_state
+
+    check = check_state(trainer.model)
+    if not check.finite:
+        log.warning("finitetune: final/ NOT written: the model holds NaN/inf in %s",
+                    ", ".join(check.nonfinite[:3]))
+        return
+    save_final(trainer, tokenizer, out)
 
 
 def _print_eval(when: str, ev: dict) -> None:

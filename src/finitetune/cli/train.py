@@ -48,9 +48,17 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--on-label-problem": ("data.on_label_problem", str, "drop, error or fix"),
     "--precision": ("precision", str, "auto, bf16, fp16 or fp32"),
     "--guard-policy": ("guard.policy", str, "skip, rollback or halt"),
+    "--guard-rollback-to": ("guard.rollback_to", str,
+                            "memory (a copy of the trainable state) or disk (the newest healthy "
+                            "checkpoint; needs --save-steps)"),
+    "--skip-bad-samples": ("guard.skip_bad_samples", str,
+                           "samples of faulty steps left out on resume: off, culprits, step, "
+                           "window"),
+    "--save-total-limit": ("save_total_limit", int, "checkpoints kept (the newest healthy one "
+                                                    "always survives)"),
 }
 SWITCHES: dict[str, tuple[str, bool, str]] = {
-    "--resume": ("resume", True, "continue from the newest checkpoint in --output-dir"),
+    "--resume": ("resume", True, "continue from the newest healthy checkpoint in --output-dir"),
     "--overwrite": ("overwrite", True, "replace an existing run directory"),
     "--trust-remote-code": ("trust_remote_code", True, "allow the model's own Python code"),
     "--no-eval-before": ("eval_before", False, "skip the baseline evaluation"),
