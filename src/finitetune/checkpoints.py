@@ -201,7 +201,8 @@ def scan_nonfinite(path: Path) -> list[str]:
                 t = st.get_tensor(key)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad.append(key)
-    for f in sorted([*path.glob("*.bin"), path / OPTIMIZER]):
+    weights_bin = [*path.glob("pytorch_model*.bin"), *path.glob("adapter_model*.bin")]
+    for f in sorted([*weights_bin, path / OPTIMIZER]):  # not training_args.bin (a pickle)
         if f.is_file():
             obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             bad += [f"{f.name}:{k}" for k, t in _tensors(obj)

@@ -155,9 +155,11 @@ class GuardConfig:
     or ``disk`` (the newest healthy checkpoint of the run; for full fine-tunes too large to
     copy). Needs checkpoints (``save_steps``); until the first one, a rollback is a skip."""
 
-    skip_bad_samples: BadSampleSkip | str = BadSampleSkip.STEP
+    skip_bad_samples: BadSampleSkip | str = BadSampleSkip.CULPRITS
     """On resume, on-disk rollback or a later epoch, leave out the remembered samples of steps
-    skipped or rolled back for a fault: ``off``, ``culprits``, ``step`` or ``window``."""
+    skipped or rolled back for a fault: ``culprits`` (the samples attribution's replay found
+    non-finite, else the whole step's), ``step``, ``window`` or ``off``. A step whose every
+    sample is left out trains on nothing and is skipped as ``no_valid_tokens``."""
 
     bad_sample_window: int = 2
     """With ``skip_bad_samples=window``: optimizer steps before and after a faulty one whose

@@ -46,6 +46,9 @@ class ResumePlan:
     """Where each rejected checkpoint was renamed to (same order)."""
     repaired: list[str] = field(default_factory=list)
     """One note per torn or bad line removed from the run's JSON-lines files."""
+    abandoned: dict[str, list[int]] = field(default_factory=dict)
+    """Events after the checkpoint, removed from ``events.jsonl`` (the resumed run logs its own
+    steps again): action -> steps, kept here so the history of the run stays visible."""
 
     @property
     def step(self) -> int:
@@ -61,6 +64,11 @@ class ResumePlan:
         text = f"resuming from {where}"
         for h, moved in zip(self.rejected, self.moved, strict=False):
             text += f"; skipped {h.name}: {h.health.value}, {h.reason} (moved to {moved})"
+        if self.abandoned:
+            text += "; before the restart: " + ", ".join(
+                f"{len(steps)} {action} (step{'s' if len(steps) > 1 else ''} "
+                f"{', '.join(map(str, steps[:6]))}{', ...' if len(steps) > 6 else ''})"
+                for action, steps in self.abandoned.items())
         return text
 
 
@@ -78,6 +86,7 @@ def prepare_resume(run_dir: str | os.PathLike, *, trim: bool = True,
         return plan
     plan.moved = [set_aside(h).name for h in rejected]
     if trim:
+        plan.abandoned = _after(run_dir / run_files.EVENTS, plan.step)
         for name in (run_files.METRICS, run_files.EVENTS):
             plan.repaired += run_files.trim_jsonl(run_dir / name, plan.step).notes
     for note in plan.repaired:
@@ -87,9 +96,19 @@ def prepare_resume(run_dir: str | os.PathLike, *, trim: bool = True,
         "checkpoint": chosen.name if chosen is not None else None,
         "skipped": [{"checkpoint": h.name, "health": h.health.value, "reason": h.reason,
                      "moved_to": m} for h, m in zip(rejected, plan.moved, strict=False)],
-        "repaired": plan.repaired, "message": plan.message(),
+        "repaired": plan.repaired, "abandoned": plan.abandoned, "message": plan.message(),
     })
     return plan
+
+
+def _after(events: Path, step: int) -> dict[str, list[int]]:
+    """action -> steps of the events after ``step`` (tolerant read: trimming repairs later)."""
+    out: dict[str, list[int]] = {}
+    for e in run_files.read_jsonl(events, run_files.Tolerance.TOLERANT).records:
+        s = e.get("step")
+        if isinstance(s, int) and s > step:
+            out.setdefault(str(e.get("action") or e.get("kind") or "event"), []).append(s)
+    return out
 
 
 def record_event(run_dir: str | os.PathLike | None, record: dict[str, Any], *,

@@ -10,13 +10,17 @@ that reaches those samples again in a later epoch, leaves them out.
 
 What is left out (``GuardConfig.skip_bad_samples``):
 
-- ``step`` (default): every sample of the faulty step (the guard cannot tell which one was bad
-  without attribution's replay);
-- ``culprits``: only the samples attribution's replay found non-finite, else the step's;
+- ``culprits`` (default): the samples attribution's replay found non-finite on their own;
+  every sample of the step when it names none (no attribution, a spike, a transient fault);
+- ``step``: every sample of the faulty step;
 - ``window``: the step's samples and those of ``bad_sample_window`` optimizer steps before and
   after it in data order (recorded at fault time; PaLM skipped a few hundred batches around a
   spike);
 - ``off``: remember, skip nothing.
+
+A fault while the trainable weights or optimizer state are already NaN/inf is the state's, not
+the data's: such steps are recorded (``cause: nonfinite_state``) but their samples are not
+skipped (an inf weight would otherwise get every later batch blamed).
 
 Skipping happens in the collator (:class:`SkipSamples`): remembered rows are dropped from their
 micro-batch before padding, so data order and positions are unchanged and a resume stays
@@ -60,7 +64,7 @@ class BadSampleMemory:
         sources: dataset index -> ``file:line`` (mapping, sequence or callable).
     """
 
-    def __init__(self, run_dir: str | os.PathLike | None, *, mode: str = "step",
+    def __init__(self, run_dir: str | os.PathLike | None, *, mode: str = "culprits",
                  window: int = 0, accumulation: int = 1,
                  sources: Mapping[int, str | None] | Sequence[str] | Callable | None = None
                  ) -> None:
@@ -88,6 +92,8 @@ class BadSampleMemory:
         if self.mode == "off":
             return out
         for e in self.entries:
+            if e.get("cause") == "nonfinite_state":
+                continue  # the weights were already NaN/inf: the data is not to blame
             if e.get("kind") == "window":
                 if self.mode == "window":
                     out.update(_ints(e.get("sample_ids")))
@@ -113,8 +119,13 @@ class BadSampleMemory:
 
     # ---- recording ---------------------------------------------------------------------------
     def record(self, outcome: Any, step_ids: list[list[int]],
-               culprits: list[int] | None = None) -> dict[str, Any] | None:
+               culprits: list[int] | None = None, *,
+               state_bad: list[str] | None = None) -> dict[str, Any] | None:
         """Remember the samples of a faulty step (every rank calls this; rank 0 writes).
+
+        ``state_bad``: non-finite weights/optimizer tensors found at that step: the samples
+        are then recorded as innocent (``cause: nonfinite_state``) and never skipped, since any
+        batch would have failed on that state.
 
         COLLECTIVE when distributed (fault path only): the ranks' sample ids are gathered.
         Returns the entry written (rank 0) or None.
@@ -134,8 +145,10 @@ class BadSampleMemory:
         found = [i for p in parts for i in p["culprits"]]
         if found:
             entry["culprits"] = found
+        if state_bad:
+            entry.update(cause="nonfinite_state", nonfinite_state=state_bad[:5])
         self._remember(entry)
-        if self.mode == "window" and self.window_batches:
+        if self.mode == "window" and self.window_batches and not state_bad:
             before = [i for p in parts for i in p["before"]]
             self._remember(self._window_entry(outcome.step, before, "before"))
             self._pending.append({"step": outcome.step, "left": self.window_batches,
@@ -253,13 +266,27 @@ class FaultHook:
 
     def __call__(self, outcome: Any) -> dict[str, Any] | None:
         rec = self.inner(outcome) if self.inner is not None else None
-        if outcome.reason in _NOT_FAULTS:
-            return rec
         step_ids = [[int(i) for i in ids.tolist() if int(i) >= 0] if ids is not None else []
                     for _, ids in getattr(self.guard, "batches", None) or []]  # HOST SYNC
+        if outcome.reason in _NOT_FAULTS:
+            if step_ids and not any(step_ids) and self.memory.skip:
+                rec = {**(rec or {}), "note": "every sample of this step is remembered as bad "
+                                              f"({run_files.BAD_SAMPLES}) and was left out"}
+            return rec
         culprits = [int(b["index"]) for b in (rec or {}).get("bad_samples") or []
                     if isinstance(b.get("index"), int)]
-        entry = self.memory.record(outcome, step_ids, culprits)
+        state_bad = self._state_nonfinite()
+        entry = self.memory.record(outcome, step_ids, culprits, state_bad=state_bad)
         if rec is None and entry is not None:
             rec = {"sample_ids": entry["sample_ids"], "sources": entry["sources"]}
         return rec
+
+    def _state_nonfinite(self) -> list[str]:
+        """Non-finite trainable weights or optimizer state: then the state, not the data, is
+        to blame (fault path only; COLLECTIVE when distributed, as every rank is here)."""
+        from finitetune.guard.state_check import check_state
+
+        model = getattr(self.guard, "model", None)
+        if model is None:
+            return []
+        return check_state(model, getattr(self.guard, "inner_optimizer", None)).nonfinite

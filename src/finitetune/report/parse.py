@@ -52,6 +52,8 @@ class ParsedLog:
     summary: dict[str, float] = field(default_factory=dict)
     """The Trainer's end-of-training dict (``train_runtime``, ``train_loss``...)."""
     events: list[dict[str, Any]] = field(default_factory=list)
+    bad_samples: list[dict[str, Any]] = field(default_factory=list)
+    """``bad_samples.jsonl``: the samples of steps skipped or rolled back for a fault."""
     eval: dict[str, Any] | None = None
     labels: dict[str, Any] | None = None
     vocab_size: int | None = None

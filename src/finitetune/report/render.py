@@ -15,6 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from finitetune.jsonio import dumps_strict
+from finitetune.report.history import history_items
 
 if TYPE_CHECKING:
     from finitetune.report.health import HealthReport, MetricStats
@@ -159,6 +160,9 @@ def sections(r: HealthReport) -> list[tuple[str, list[Block]]]:
                  f"empty micro-batches (summed over entries): {_any(g['empty_microbatches'])}"]
         items += [f"{k} (last value): {_any(v)}" for k, v in g["counters"].items()]
         out.append(("Guard", [("ul", items)]))
+    history = history_items(g)
+    if history:
+        out.append(("Checkpoints, restarts and skipped samples", [("ul", history)]))
     if r.labels:
         out.append(("Labels", [("ul", [_label_item(k, v) for k, v in r.labels.items()])]))
     if r.before is not None:
