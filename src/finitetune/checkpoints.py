@@ -271,11 +271,14 @@ def set_aside(health: CheckpointHealth) -> Path:
     return target
 
 
-def newest_healthy_marked(run_dir: str | os.PathLike) -> CheckpointHealth | None:
-    """The newest checkpoint carrying a valid finitetune marker (no tensor is read): the
-    target of an on-disk rollback inside a running job."""
+def newest_healthy_marked(run_dir: str | os.PathLike, *, proven: bool = False
+                          ) -> CheckpointHealth | None:
+    """The newest checkpoint carrying a valid finitetune marker (no tensor is read); with
+    ``proven``, one whose state then gave a clean step (``proven_by_step``): the target of an
+    on-disk rollback inside a running job."""
     for path in reversed(run_files.checkpoints(run_dir)):
         health = inspect_checkpoint(path, scan=False)
-        if health.ok and health.marker is not None:
+        if health.ok and health.marker is not None and (
+                not proven or health.marker.get("proven_by_step") is not None):
             return health
     return None

@@ -7,8 +7,9 @@ whole run. :class:`DiskRollback` plays the same role (``exists``, ``step``, ``ca
 ``restore``) from the checkpoints the run saves anyway (``save_steps``):
 
 - ``capture`` costs nothing: the target is the newest checkpoint finitetune checked finite when
-  it saved it (:func:`finitetune.checkpoints.newest_healthy_marked`), reported by the Trainer
-  integration after each save;
+  it saved it *and whose state then gave a clean step* (the checkpoint saved just before a
+  spike holds the state that produced it), reported by the Trainer integration
+  (:func:`finitetune.checkpoints.newest_healthy_marked` after a resume);
 - ``restore`` reads it back into the live objects: weights copied tensor by tensor from the
   safetensors file (one tensor in memory at a time; a loader can be passed for other formats,
   e.g. the Trainer's own), the optimizer state loaded *after* the old one was dropped (so the
@@ -73,7 +74,7 @@ class DiskRollback:
         self.on_restore = on_restore
         self.guard: Any = None
         self.restores = 0
-        self.target: CheckpointHealth | None = newest_healthy_marked(self.run_dir)
+        self.target: CheckpointHealth | None = newest_healthy_marked(self.run_dir, proven=True)
 
     def bind_guard(self, guard: Any) -> None:
         """Called by ``Guard.use_snapshot``: the guard's LR scale is read at restore time."""
@@ -90,10 +91,10 @@ class DiskRollback:
         return self.target.step + 1 if self.target is not None else None
 
     def capture(self, step: int) -> None:
-        """Nothing to copy: the checkpoints are the snapshots (see :meth:`saved`)."""
+        """Nothing to copy: the checkpoints are the snapshots (see :meth:`use`)."""
 
-    def saved(self, health: CheckpointHealth) -> None:
-        """A checkpoint was just saved and checked finite: it is the new target."""
+    def use(self, health: CheckpointHealth) -> None:
+        """A checkpoint saved finite whose state then gave a clean step: the new target."""
         self.target = health
 
     @torch.no_grad()

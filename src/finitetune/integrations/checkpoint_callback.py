@@ -92,8 +92,8 @@ class CheckpointCallback(TrainerCallback):
         self.config = config if config is not None else GuardConfig()
         self.memory = memory
         self.trainer: Trainer | None = None
-        self.pinned: str | None = None
-        """The last checkpoint this run saved and checked finite."""
+        self._candidate: CheckpointHealth | None = None
+        self._pinned: CheckpointHealth | None = None
         self.refused: list[int] = []
         """Steps whose save was refused."""
         self.disk: DiskRollback | None = None
@@ -165,8 +165,12 @@ class CheckpointCallback(TrainerCallback):
         run_dir = Path(trainer._get_output_dir(trial=trial)) if hasattr(
             trainer, "_get_output_dir") else Path(trainer.args.output_dir)
         target = run_dir / f"{run_files.CHECKPOINT_PREFIX}{step}"
+        final = step >= trainer.state.max_steps > 0
         if trainer.args.metric_for_best_model is None:
-            trainer.state.best_model_checkpoint = str(target)  # rotation never deletes it
+            # the Trainer's own protection against rotation: the last proven checkpoint (the
+            # one a rollback goes back to), or at the end the final one
+            keep = target if final or self._pinned is None else self._pinned.path
+            trainer.state.best_model_checkpoint = str(keep)
         result = save(model, trial, *args, **kwargs)
         guard = self._guard()
         marker = {"lr_scale": float(getattr(guard, "lr_scale", 1.0)),
@@ -175,17 +179,42 @@ class CheckpointCallback(TrainerCallback):
                             for k in ("applied", "skipped", "rollbacks")}}
         if trainer.args.should_save:
             write_marker(target, step, **marker)
-        self.pinned = target.name
-        if self.disk is not None:
-            self.disk.saved(CheckpointHealth(target, step, Health.HEALTHY, "saved now",
-                                             {"step": step, **marker}))
+        self._candidate = CheckpointHealth(target, step, Health.HEALTHY, "saved now",
+                                           {"step": step, **marker})
         return result
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The state in the newest checkpoint proved itself when the next step was clean (a
+        finite, non-spiking loss and gradient): it becomes the pinned rollback target."""
+        cand = self._candidate
+        if cand is None or state.global_step <= cand.step:
+            return
+        self._candidate = None
+        guard = self._guard()
+        outcome = getattr(guard, "last_outcome", None)
+        if state.global_step != cand.step + 1 or (outcome is not None and not (
+                outcome.applied and getattr(outcome.reason, "value", outcome.reason)
+                in (None, "zero_loss", "pinned_grad_norm"))):
+            return  # that state produced a bad step (or we cannot tell): not a rollback target
+        cand.marker = {**(cand.marker or {}), "proven_by_step": state.global_step}
+        if args.should_save and cand.path.is_dir():
+            write_marker(cand.path, cand.step, **{k: v for k, v in cand.marker.items()
+                                                  if k not in ("step", "files", "finite")})
+        self._pinned = cand
+        if self.disk is not None:
+            self.disk.use(cand)
+
+    @property
+    def pinned(self) -> str | None:
+        """The last checkpoint saved finite whose state then gave a clean step."""
+        return self._pinned.name if self._pinned is not None else None
 
     def _refuse(self, step: int, nonfinite: list[str]) -> None:
         self.refused.append(step)
         if not distributed.is_main_process():
             return
-        pinned = self.pinned or self._newest_on_disk()
+        pinned = self.pinned or (self._candidate.name if self._candidate else None) or (
+            self._newest_on_disk())
         names = ", ".join(nonfinite[:3]) + (f" (+{len(nonfinite) - 3} more)"
                                              if len(nonfinite) > 3 else "")
         keep = (f"{pinned} stays the last healthy checkpoint (pinned: rotation keeps it)"
