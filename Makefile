@@ -37,6 +37,7 @@ test: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
 
 bench: $(VENV)/.installed-demo
 	$(BIN)/python -m bench.run_all

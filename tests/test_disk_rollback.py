@@ -61,7 +61,7 @@ def test_restore_is_bit_exact_and_reapplies_the_lr_backoffs(tmp_path):
 
     disk = DiskRollback(model, opt, sched, tmp_path)
     assert disk.exists and disk.step == 4 and disk.target.name == "checkpoint-3"
-    disk.bind_guard(_Guard())
+    disk.guard = _Guard()
     disk.restore()
     for p, w in zip(model.parameters(), want_params, strict=True):
         assert torch.equal(p, w)

@@ -28,7 +28,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
         chunk_size: int, z_loss: float, compute_dtype: torch.dtype,
     ) -> torch.Tensor:
@@ -68,7 +68,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_total.to(dtype)  # stays a device tensor: no sync
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
-            work = grad[start:end] if direct else buf[: end - start]
+            work = grad[start:end] if buf is None else buf[: end - start]
             chunk_lse = lse[start:end, None]
             torch.sub(logits[start:end], chunk_lse, out=work).exp_()  # softmax
             if ctx.z_loss:  # d(z * lse^2)/dx = 2 z lse softmax

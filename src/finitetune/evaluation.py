@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from finitetune.data.collate import CausalLMCollator, left_pad
-from finitetune.data.tokenize import IGNORE_INDEX, tokenize_prompts
+from finitetune.data.tokenize import tokenize_prompts
+from finitetune.loss import causal_lm_loss_parts
 
 
 def normalise_answer(text: str) -> str:
@@ -43,7 +44,8 @@ def exact_match(
                                          template=template)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    correct, shown = 0, []
+    correct = 0
+    shown: list[dict[str, Any]] = []
     for lo in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[lo: lo + batch_size], pad)
         out = model.generate(
@@ -66,7 +68,8 @@ def exact_match(
 
 @torch.no_grad()
 def eval_loss(model: Any, rows: list[dict], pad_token_id: int, batch_size: int = 32) -> float:
-    """Token-mean cross-entropy over the supervised tokens of ``rows`` (fp32)."""
+    """Token-mean cross-entropy over the supervised tokens of ``rows``: the safe loss of
+    training, summed over every batch and divided once by the total token count."""
     was_training = model.training
     model.eval()
     collate = CausalLMCollator(pad_token_id)
@@ -76,11 +79,9 @@ def eval_loss(model: Any, rows: list[dict], pad_token_id: int, batch_size: int =
         batch = collate(rows[lo: lo + batch_size])
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"][:, 1:].to(device)
-        logp = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum")
-        total += logp.item()  # host sync: evaluation only, once per batch
-        count += int((labels != IGNORE_INDEX).sum())
+        # the training loss itself (fp32, shifted, masked); only its sum and count are used
+        parts = causal_lm_loss_parts(logits, batch["labels"].to(device))
+        total += parts.loss_sum.item()  # host sync: evaluation only, once per batch
+        count += int(parts.num_tokens)
     model.train(was_training)
     return total / count if count else math.nan

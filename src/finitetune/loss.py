@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from finitetune.chunked_cross_entropy import ChunkedCrossEntropy
+from finitetune.numerics import IGNORE_INDEX
 
 __all__ = ["LossParts", "LossWindow", "SafeCausalLMLoss", "causal_lm_loss", "causal_lm_loss_parts"]
 
@@ -136,7 +137,7 @@ def _denominator(
 
 def causal_lm_loss_parts(
     outputs: Any, labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None, z_loss: float = 0.0, shift_labels: torch.Tensor | None = None,
 ) -> LossParts:
     """``causal_lm_loss`` plus the summed loss and token count it was built from.
@@ -179,7 +180,7 @@ def causal_lm_loss_parts(
 
 def causal_lm_loss(
     outputs: Any, labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | float | None = None, *, ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None, z_loss: float = 0.0, shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-weighted next-token cross-entropy that is 0.0, never NaN, when nothing is supervised.
@@ -268,7 +269,7 @@ class SafeCausalLMLoss:
     """
 
     def __init__(
-        self, *, ignore_index: int = -100, chunk_size: int | None = None, z_loss: float = 0.0
+        self, *, ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None, z_loss: float = 0.0
     ) -> None:
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size

@@ -203,12 +203,12 @@ def _cuda_rule(req: str, info: DeviceInfo, scan: WeightScan | None) -> Rule:
         why = "requested bf16" if req == "bf16" else f"{gpu} computes bf16 natively"
         return "bf16", [f"{why}: bf16 autocast with fp32 master weights; bf16 has fp32's "
                         "exponent range, so no loss scaling is needed"], []
-    if req == "fp16" and too_big:
+    if req == "fp16" and scan is not None and too_big:
         raise ConfigError(
             f"fp16 requested, but weights reach |w| = {scan.max_abs:.4g} > 65504 (fp16's max) "
             f"in {_names(scan.over_fp16)}: they become inf in fp16. Use --precision "
             + ("bf16" if info.bf16_native else "fp32") + ".")
-    if req == "auto" and too_big:
+    if req == "auto" and scan is not None and too_big:
         return "fp32", [f"{gpu} has no bf16 hardware and weights reach |w| = "
                         f"{scan.max_abs:.4g} > 65504, which is inf in fp16: fp32"], []
     warns: list[str] = []

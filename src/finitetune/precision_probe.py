@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from finitetune.errors import ConfigError
+from finitetune.foreach import per_tensor_max_abs
+from finitetune.numerics import FP16_MAX
 
 __all__ = ["FP16_MAX", "FP16_OVERFLOW_FAMILIES", "NEAR_FP16_MAX", "DeviceInfo", "WeightScan",
            "cpu_features", "describe_device", "model_types", "overflow_family", "scan_weights"]
 
-FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 NEAR_FP16_MAX = FP16_MAX / 10
 """A weight this large leaves less than 10x headroom: one product with an activation above 10
 overflows fp16. Reported, not refused."""
@@ -99,7 +100,9 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine() or "CPU"
 
 
-def _safe(fn: Any, *args: Any, default: Any = None) -> Any:
+def call_or_default(fn: Any, *args: Any, default: Any = None) -> Any:
+    """``fn(*args)``, or ``default`` if it raises: a hardware probe answers "unknown", it never
+    crashes the run or the environment report."""
     try:
         return fn(*args)
     except Exception:  # probing must never crash the run: an unknown answer is reported as such
@@ -119,7 +122,7 @@ def _device_type(device: str | torch.device | None) -> tuple[str, int | None]:
     if device is None:
         if torch.cuda.is_available():
             return "cuda", None
-        if _safe(torch.backends.mps.is_available, default=False):
+        if call_or_default(torch.backends.mps.is_available, default=False):
             return "mps", None
         return "cpu", None
     try:
@@ -140,18 +143,18 @@ def describe_device(device: str | torch.device | None = None) -> DeviceInfo:
             raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch "
                               f"{torch.__version__}, CUDA build {torch.version.cuda}): install a "
                               "CUDA build of torch, check CUDA_VISIBLE_DEVICES, or use cpu")
-        idx = index if index is not None else _safe(torch.cuda.current_device, default=0)
-        name = _safe(torch.cuda.get_device_name, idx, default=None) or "CUDA GPU"
-        cap = _safe(torch.cuda.get_device_capability, idx, default=None)
+        idx = index if index is not None else call_or_default(torch.cuda.current_device, default=0)
+        name = call_or_default(torch.cuda.get_device_name, idx, default=None) or "CUDA GPU"
+        cap = call_or_default(torch.cuda.get_device_capability, idx, default=None)
         detail = f"compute capability {cap[0]}.{cap[1]}" if cap else "compute capability unknown"
         # including_emulation=False: the default (True) answers True on T4/V100, where bf16 is
         # emulated and slow; we want to know about bf16 *hardware*.
-        native = bool(_safe(lambda: torch.cuda.is_bf16_supported(including_emulation=False),
+        native = bool(call_or_default(lambda: torch.cuda.is_bf16_supported(including_emulation=False),
                             default=False))
         return DeviceInfo("cuda", name, detail, bf16=native, bf16_native=native,
                           fp16_training=True)
     if kind == "mps":
-        if not _safe(torch.backends.mps.is_available, default=False):
+        if not call_or_default(torch.backends.mps.is_available, default=False):
             raise ConfigError("device 'mps' asked for, but torch.backends.mps.is_available() is "
                               "False (needs Apple silicon, macOS 12.3+): use cpu")
         bf16 = _mps_bf16_works()
@@ -160,7 +163,7 @@ def describe_device(device: str | torch.device | None = None) -> DeviceInfo:
                           fp16_training=True)
     if kind == "cpu":
         feats = cpu_features()
-        capability = _safe(torch.backends.cpu.get_cpu_capability, default="unknown")
+        capability = call_or_default(torch.backends.cpu.get_cpu_capability, default="unknown")
         have = [k for k, v in feats.items() if v] or ["no bf16/fp16 ISA extensions"]
         if not feats.get("amx_bf16"):
             have.append("no AMX")
@@ -212,13 +215,7 @@ def scan_weights(model: Any) -> WeightScan:
             scan.half_trainable[key] = scan.half_trainable.get(key, 0) + 1
     best = -1.0
     for items in groups.values():
-        tensors = [t for _, t in items]
-        with torch.no_grad():
-            try:
-                norms = torch._foreach_norm(tensors, ord=math.inf)
-            except (RuntimeError, TypeError, NotImplementedError):  # dtypes without a foreach
-                norms = [t.abs().amax() for t in tensors]
-            values = torch.stack([n.float() for n in norms]).tolist()  # host sync: one per group
+        values = per_tensor_max_abs([t for _, t in items]).tolist()  # host sync: one per group
         for (name, _), v in zip(items, values):
             if not math.isfinite(v):
                 scan.nonfinite.append(name)

@@ -15,11 +15,14 @@ that rank 0 writes once. The process group is torn down at the end so every rank
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from finitetune import run_files
 from finitetune.config import TrainConfig
 from finitetune.errors import ConfigError
 from finitetune.jsonio import write_json_atomic
+from finitetune.numerics import IGNORE_INDEX
 from finitetune.run_writer import make_run_dir, save_final, write_eval, write_reports
 
 log = logging.getLogger("finitetune")
@@ -185,7 +189,7 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     if distributed.is_main_process():
         print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
-                 if any(t != -100 for t in r["labels"])]
+                 if any(t != IGNORE_INDEX for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]
     model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
 
@@ -232,12 +236,12 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     trainer, _loss = build_trainer(
         model, training_arguments(cfg, out, steps, plan), rows,
         pad_token_id=tokenizer.pad_token_id, guard=cfg.guard, attribution=cfg.attribution,
-        sources={r["index"]: r.get("source") for r in rows})
+        sources={r["index"]: r["source"] for r in rows if r.get("source")})
     start = time.perf_counter()
     try:
         if resume is not None and resume.checkpoint is not None and resume.step >= steps:
             # killed after its last checkpoint: train nothing more (not one step past the end)
-            load_checkpoint_weights(trainer, resume_from)
+            load_checkpoint_weights(trainer, resume.checkpoint.path)
             trainer.state.global_step = resume.step
         else:
             trainer.train(resume_from_checkpoint=resume_from)
@@ -291,20 +295,28 @@ def configure_runtime() -> None:
     """Quiet, full-speed defaults for a CLI run (a library user's process is left alone).
 
     Uses every core of small CPU machines (torch's default can leave one idle), and silences
-    the per-file progress bars of weight loading/saving and a deprecation warning that peft
-    triggers in transformers 5, so the console shows the training log and our own lines.
+    the per-file progress bars of weight loading/saving, so the console shows the training log
+    and our own lines. Warning filters are not touched here (they are process-wide):
+    ``finitetune train`` scopes its own around the run (:func:`quiet_third_party_warnings`).
     """
-    import warnings
-
     import torch
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
     # ranks launched on one machine share its cores (torchrun sets OMP_NUM_THREADS=1 for them)
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     n = max(1, (os.cpu_count() or 1) // local_ranks)
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def quiet_third_party_warnings() -> Iterator[None]:
+    """For the CLI's run only: hide a deprecation warning that peft 0.21 triggers in
+    transformers 5.24 on every LoRA model (not ours to fix, and noise in the training log).
+    Scoped with ``catch_warnings``, so no filter outlives the run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
+        yield

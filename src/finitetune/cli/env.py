@@ -50,12 +50,13 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     import torch
 
     from finitetune.precision import FP16_MAX, choose_precision, describe_device
+    from finitetune.precision_probe import call_or_default
 
     report: dict[str, Any] = {
         "versions": versions(),
         "platform": platform.platform(),
         "torch_build": {"cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
-                        "cudnn": _safe(torch.backends.cudnn.version),
+                        "cudnn": call_or_default(torch.backends.cudnn.version),
                         "threads": torch.get_num_threads()},
     }
     try:
@@ -66,8 +67,8 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     report["device"] = {
         "type": info.type, "name": info.name, "detail": info.detail,
         "cuda_available": torch.cuda.is_available(),
-        "cuda_devices": _safe(torch.cuda.device_count, default=0),
-        "mps_available": bool(_safe(torch.backends.mps.is_available, default=False)),
+        "cuda_devices": call_or_default(torch.cuda.device_count, default=0),
+        "mps_available": bool(call_or_default(torch.backends.mps.is_available, default=False)),
         "dtypes": {
             "fp32": "yes",
             "bf16": ("native" if info.bf16_native else "emulated (slower than fp32)")
@@ -97,13 +98,6 @@ def _load_model(name: str) -> Any:
     from finitetune.models import load_model, resolve_model
 
     return load_model(resolve_model(name))
-
-
-def _safe(fn: Any, default: Any = None) -> Any:
-    try:
-        return fn()
-    except Exception:  # a probe that fails is reported as unknown, never crashes the report
-        return default
 
 
 def render(report: dict[str, Any]) -> str:

@@ -150,10 +150,11 @@ def run(args: argparse.Namespace) -> int:
     from finitetune.cli.main import set_offline_if_local
 
     set_offline_if_local(cfg.model, cfg.data.path)
-    from finitetune.recipe import configure_runtime, run_training
+    from finitetune.recipe import configure_runtime, quiet_third_party_warnings, run_training
 
     configure_runtime()
-    result = run_training(cfg)
+    with quiet_third_party_warnings():
+        result = run_training(cfg)
     before, after = result.eval_before, result.eval_after
     if after is not None:
         line = f"exact match: {after['exact_match']:.1%}"

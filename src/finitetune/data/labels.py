@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from finitetune.errors import LabelError
+from finitetune.numerics import IGNORE_INDEX
 
 # reasons that make an example unusable, reasons that only warn, and the "why" of all_masked
 ERRORS = ("all_masked", "length_mismatch", "label_out_of_range")
@@ -155,7 +156,7 @@ def _per_row_sum(mask: np.ndarray, offsets: np.ndarray, lens: np.ndarray) -> np.
 def validate_labels(
     data: Iterable[dict] | Any,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     vocab_size: int | None = None,
     eos_token_id: int | None = None,
     min_supervised: int = 1,

@@ -18,8 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from finitetune.data.templates import prompt_adds_special_tokens, render
-
-IGNORE_INDEX = -100
+from finitetune.numerics import IGNORE_INDEX
 
 
 def _split_pairs(records: list[dict], tokenizer: Any, template: str,

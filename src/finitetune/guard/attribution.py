@@ -36,6 +36,7 @@ from finitetune.guard.replay import (
     rows_of,
     save_fault_batch,
 )
+from finitetune.numerics import IGNORE_INDEX
 
 __all__ = ["AttributionConfig", "Attributor", "load_fault_batch", "replay_backward",
            "replay_forward"]
@@ -242,7 +243,7 @@ class Attributor:
             rows = [r for r in (orig.bad_rows or []) if r not in {b[0] for b in blame}]
             if orig.logits_finite and isinstance(inputs.get("labels"), torch.Tensor):
                 res["no_supervised_tokens"] = bool(  # HOST SYNC (fault path)
-                    inputs["labels"][..., 1:].ne(-100).sum() == 0)
+                    inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum() == 0)
             if n > 1 and len(rows) == n:
                 blame += [(r, "nonfinite_alone") for r in self._alone(inputs, n, t0, res)]
             else:

@@ -76,9 +76,14 @@ class DiskRollback:
         self.restores = 0
         self.target: CheckpointHealth | None = newest_healthy_marked(self.run_dir, proven=True)
 
-    def bind_guard(self, guard: Any) -> None:
-        """Called by ``Guard.use_snapshot``: the guard's LR scale is read at restore time."""
+    def attach(self, guard: Any) -> DiskRollback:
+        """Make ``guard`` roll back to this instead of an in-memory copy (it sets the guard's
+        ``snapshot_override``, which the guard prefers; its LR scale is read at restore)."""
         self.guard = guard
+        guard.snapshot_override = self
+        if guard.config.needs_snapshots:
+            guard._snapshot = self
+        return self
 
     # ---- the snapshot interface ------------------------------------------------------------
     @property

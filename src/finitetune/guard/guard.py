@@ -140,19 +140,9 @@ class Guard:
         self.replicated_grads = self._grad_replicas is None
         self._grad_stats = GradStats(params)
         in_memory = self.config.needs_snapshots and self.config.rollback_to == "memory"
-        self._snapshot = (getattr(self, "_external_snapshot", None)
+        self._snapshot = (getattr(self, "snapshot_override", None)  # DiskRollback.attach
                           or (Snapshot(params, self.inner_optimizer) if in_memory else None))
         self._n_opt_params = self._count_opt_params()
-
-    def use_snapshot(self, snapshot: Any) -> None:
-        """Roll back to ``snapshot`` instead of an in-memory copy (``rollback_to="disk"``:
-        :class:`~finitetune.guard.disk_rollback.DiskRollback`). It needs ``exists``, ``step``,
-        ``capture(step)`` (called after good steps) and ``restore()``."""
-        self._external_snapshot = snapshot
-        bind = getattr(snapshot, "bind_guard", None)
-        if callable(bind):
-            bind(self)
-        self._snapshot = snapshot if self.config.needs_snapshots else None
 
     def _count_opt_params(self) -> int:
         return sum(len(g["params"]) for g in self.inner_optimizer.param_groups)  # O(groups)

@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
+from finitetune.foreach import per_tensor_max_abs
+from finitetune.numerics import FP16_MAX
+
 __all__ = ["FP16_MAX", "ForwardTrace", "load_fault_batch", "max_abs", "nonfinite_input_rows",
            "replay_backward", "replay_forward", "row_of", "rows_of", "save_fault_batch"]
 
-FP16_MAX = 65504.0
 
 
 @dataclass
@@ -161,20 +163,8 @@ def replay_backward(model: torch.nn.Module, inputs: Mapping[str, Any],
 
 
 def max_abs(tensors: list[torch.Tensor]) -> list[float]:
-    """Per-tensor max-abs, one ``_foreach_norm(inf)`` per (device, dtype) group, one sync."""
-    groups: dict[tuple, list[int]] = {}
-    out: list[torch.Tensor] = [torch.zeros((), device=t.device) for t in tensors]  # empty: 0
-    for i, t in enumerate(tensors):
-        if t.numel():  # inf-norm of an empty tensor (an empty FSDP shard) is an error
-            groups.setdefault((t.device, t.dtype), []).append(i)
-    for idx in groups.values():
-        norms = torch._foreach_norm([tensors[i] for i in idx], math.inf)  # NaN stays NaN
-        for i, v in zip(idx, norms):
-            out[i] = v.float()
-    if not out:
-        return []
-    dev = tensors[0].device
-    return torch.stack([v.to(dev) for v in out]).tolist()  # HOST SYNC (fault path only)
+    """Per-tensor max-abs as host floats (one fused pass per group, one sync; fault path)."""
+    return per_tensor_max_abs(tensors).tolist() if tensors else []  # HOST SYNC
 
 
 def rows_of(inputs: Mapping[str, Any]) -> int:

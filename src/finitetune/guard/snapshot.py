@@ -43,7 +43,9 @@ class Snapshot:
         else:
             torch._foreach_copy_(self._param_bufs, live)
         # Collect the state tensors (references only; the copy below is one foreach call).
-        layout, srcs, other = [], [], {}
+        layout: list[Any] = []
+        srcs: list[torch.Tensor] = []
+        other: dict[Any, Any] = {}
         for i, p in enumerate(self.params):
             state = self.optimizer.state.get(p)
             if not state:

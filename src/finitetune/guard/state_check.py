@@ -4,9 +4,9 @@ A checkpoint is only as good as the state it holds: one inf weight (an update th
 see, a bad load, a user's own code) makes every later step NaN, and a Trainer that saves it
 and rotates out the older checkpoints (``save_total_limit``) leaves nothing to go back to. So
 before a save, the trainable parameters and their optimizer state (what a checkpoint holds
-besides frozen base weights) are checked in one fused pass: ``torch._foreach_norm`` with the
-max norm (no overflow for huge finite values) per dtype/device group, the flags stacked, one
-host read. Names of the non-finite tensors are looked up only when the pass fails.
+besides frozen base weights) are checked in one fused pass (the grouped max-abs of
+:mod:`finitetune.foreach`: no overflow for huge finite values), one host read; the names of the
+non-finite tensors come from the same vector when the check fails.
 
 Pure torch: used by the Trainer integration before ``_save_checkpoint`` and by the main job
 before it writes ``final/``.
@@ -14,11 +14,12 @@ before it writes ``final/``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from finitetune.foreach import per_tensor_max_abs
 
 __all__ = ["StateCheck", "check_state", "training_state"]
 
@@ -65,27 +66,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def check_state(model: torch.nn.Module, optimizer: Any | None = None) -> StateCheck:
     """Check trainable parameters and optimizer state for NaN/inf.
 
-    HOST SYNC: one read per device (save time only). Distributed: when a process group is up,
-    the verdict is all-reduced (COLLECTIVE) so every rank refuses or saves alike.
+    One grouped max-abs pass (:func:`finitetune.foreach.per_tensor_max_abs`). HOST SYNC: one
+    read (save time only). Distributed: when a process group is up, the count of non-finite
+    tensors is all-reduced (COLLECTIVE) so every rank refuses or saves alike.
     """
     names, tensors = training_state(model, optimizer)
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    bad = None
-    for group in groups.values():
-        norms = torch._foreach_norm(group, math.inf)  # max |x| per tensor: inf/NaN propagate
-        flag = (~torch.isfinite(torch.stack(norms))).sum().to(torch.int64)
-        bad = flag if bad is None else bad + flag.to(bad.device)
-    count = torch.zeros((), dtype=torch.int64) if bad is None else bad
+    maxes = per_tensor_max_abs(tensors)
+    count = (~torch.isfinite(maxes)).sum().to(torch.int64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         count = count.to(_collective_device())
         torch.distributed.all_reduce(count)  # COLLECTIVE: SUM, so any rank's NaN counts
     if int(count.item()) == 0:  # HOST SYNC
         return StateCheck(True, len(tensors))
-    nonfinite = [n for n, t in zip(names, tensors, strict=True)
-                 if not bool(torch.isfinite(t).all())]  # fault path only
-    return StateCheck(False, len(tensors), nonfinite)
+    bad = (~torch.isfinite(maxes)).tolist()  # fault path only
+    return StateCheck(False, len(tensors), [n for n, b in zip(names, bad, strict=True) if b])
 
 
 def _collective_device() -> torch.device:

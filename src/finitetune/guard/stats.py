@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from finitetune.foreach import per_tensor_max_abs
 from finitetune.guard.distributed import local_tensor
 
 __all__ = ["GRAD_FIELDS", "LOSS_FIELDS", "GradStats", "LossAccumulator", "acc_dtype"]
@@ -103,7 +104,7 @@ class GradStats:
         inf_elems = torch.zeros((), dtype=self.dtype, device=self.device)
         sq = torch.zeros((), dtype=self.dtype, device=self.device)
         for _, grads in self._grads:
-            max_abs = torch.stack(torch._foreach_norm(grads, float("inf"))).to(self.device)
+            max_abs = per_tensor_max_abs(grads, device=self.device)
             inf_elems = inf_elems + max_abs.isinf().sum().to(self.dtype)
             if self.dtype == torch.float64:
                 n64 = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64))

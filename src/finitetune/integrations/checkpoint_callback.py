@@ -36,7 +36,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from finitetune import run_files
 from finitetune.checkpoints import CheckpointHealth, Health, inspect_checkpoint, write_marker
@@ -56,7 +56,7 @@ SEAMS = {"_save_checkpoint": ["model", "trial"], "_load_from_checkpoint":
 TESTED = "transformers 5.24"
 
 
-def check_seams(trainer: Trainer) -> None:
+def check_seams(trainer: Any) -> None:
     """Stop with a ConfigError when a private method this module wraps or calls changed."""
     for name, params in SEAMS.items():
         method = getattr(trainer, name, None)
@@ -69,7 +69,7 @@ def check_seams(trainer: Trainer) -> None:
                 f"tested (tested: {TESTED}). Pin transformers or remove the callback.")
 
 
-def load_checkpoint_weights(trainer: Trainer, path: str | Path) -> None:
+def load_checkpoint_weights(trainer: Any, path: str | Path) -> None:
     """Load a checkpoint's weights into ``trainer.model`` (tensor by tensor when it is a plain
     safetensors state dict, else the Trainer's own loader: adapters, sharded formats)."""
     if not load_safetensors_weights(trainer.model, Path(path)):
@@ -91,7 +91,7 @@ class CheckpointCallback(TrainerCallback):
         self.output_dir = output_dir
         self.config = config if config is not None else GuardConfig()
         self.memory = memory
-        self.trainer: Trainer | None = None
+        self.trainer: Any = None  # a Trainer (its private methods are used: see SEAMS)
         self._candidate: CheckpointHealth | None = None
         self._pinned: CheckpointHealth | None = None
         self.refused: list[int] = []
@@ -107,7 +107,7 @@ class CheckpointCallback(TrainerCallback):
             if trainer is not None:
                 self.bind(trainer)
 
-    def bind(self, trainer: Trainer) -> CheckpointCallback:
+    def bind(self, trainer: Any) -> CheckpointCallback:
         """Wrap ``trainer``'s ``train`` (resume) and ``_save_checkpoint`` (done automatically
         when the callback is passed to the Trainer's constructor)."""
         if self.trainer is trainer:
@@ -269,7 +269,7 @@ class CheckpointCallback(TrainerCallback):
             trainer.model, trainer.optimizer, trainer.lr_scheduler, self._out(),
             load_weights=lambda path: trainer._load_from_checkpoint(str(path)),
             on_restore=self._restored)
-        guard.use_snapshot(self.disk)
+        self.disk.attach(guard)
 
     def _restored(self, info: dict[str, Any]) -> None:
         if not distributed.is_main_process():

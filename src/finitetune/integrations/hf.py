@@ -37,6 +37,7 @@ from finitetune.config import GuardConfig
 from finitetune.errors import ConfigError
 from finitetune.guard.guard import Guard
 from finitetune.guard.policy import Action, StepOutcome
+from finitetune.numerics import IGNORE_INDEX
 
 __all__ = ["GuardCallback"]
 
@@ -332,4 +333,4 @@ def _supervised_tokens(inputs: Any, shifts: bool) -> torch.Tensor | None:
             return None
         if shifts:
             labels = labels[..., 1:]
-    return labels.ne(-100).sum()
+    return labels.ne(IGNORE_INDEX).sum()

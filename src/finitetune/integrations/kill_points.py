@@ -55,7 +55,7 @@ class KillPoint(TrainerCallback):
             return
         from finitetune.integrations.hf import _find_trainer
 
-        trainer = _find_trainer()
+        trainer: Any = _find_trainer()
         write = trainer._save_optimizer_and_scheduler
 
         def half_written(output_dir: str) -> Any:

@@ -11,6 +11,7 @@ log dict before the metrics line is written from it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from finitetune.config import GuardConfig
 def build_trainer(
     model: Any, args: Any, train_dataset: Any, *, pad_token_id: int,
     guard: GuardConfig | None = None, safe_loss: bool = True, attribution: bool = True,
-    sources: dict[int, str | None] | None = None, trainer_cls: Any = None,
+    sources: Mapping[int, str] | None = None, trainer_cls: Any = None,
 ) -> tuple[Any, Any]:
     """A Trainer on ``model`` with finitetune's loss, guard and metrics.
 

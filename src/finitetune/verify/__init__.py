@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -58,16 +59,51 @@ def run_verify(
     and ``DIR/verify.json``); without it a temporary directory is used and removed.
     """
     from finitetune.verify import render
-    from finitetune.verify.harness import BATCH, LR, prepare_setup, quiet, run_arm
-    from finitetune.verify.scenarios import LR_STEPS, SCENARIOS, STEPS
+    from finitetune.verify.scenarios import SCENARIOS
 
-    out = out if out is not None else sys.stdout
+    stream = out if out is not None else sys.stdout
     if steps < 2:
         raise ConfigError("--steps must be at least 2: one step shows no trend")
     chosen = scenarios or list(SCENARIOS)
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
         raise ConfigError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
+    root = _prepare_root(output_dir)
+
+    def say(text: str = "") -> None:
+        if not as_json:
+            print(text, file=stream, flush=True)
+
+    start = time.perf_counter()
+    try:
+        results, minimal, minimal_ok = _run_scenarios(model, data, steps, chosen, root,
+                                                      output_dir is not None, say)
+        seconds = time.perf_counter() - start
+        info = {"model": model, "data": data, "steps": steps, "seconds": round(seconds, 1),
+                "output_dir": str(root) if output_dir else None}
+        payload = render.to_dict(results, minimal, minimal_ok, info, root)
+        write_json_atomic(root / "verify.json", payload)
+        say()
+        say(render.summary_line(results, minimal_ok, seconds))
+        if as_json:
+            from finitetune.jsonio import dumps_strict
+
+            print(dumps_strict(payload, indent=2), file=stream, flush=True)
+        for res in results:  # drop the Trainers (and their models) now, not at interpreter exit
+            for arm in (res.unguarded, res.guarded):
+                arm.trainer = None
+        minimal.trainer = None
+        return VerifyResult(ok=payload["ok"], minimal_ok=minimal_ok, scenarios=results,
+                            minimal=minimal, seconds=seconds,
+                            output_dir=root if output_dir else None, data=payload)
+    finally:
+        if not output_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _prepare_root(output_dir: str | None) -> Path:
+    """The output directory: a fresh temporary one, or ``output_dir`` (replacing only an
+    earlier verify output, never a user's files)."""
     root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
     if output_dir and root.exists() and any(root.iterdir()):
         if not (root / "verify.json").exists() and not (root / "minimal").exists():
@@ -75,55 +111,36 @@ def run_verify(
                               "another --output-dir")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
+    return root
 
-    def say(text: str = "") -> None:
-        if not as_json:
-            print(text, file=out, flush=True)
 
-    start = time.perf_counter()
-    try:
-        from finitetune.config import GuardConfig
+def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], root: Path,
+                   kept: bool, say: Callable[..., None]) -> tuple[list[Any], Any, bool]:
+    """The minimal guarded run, then each chosen scenario; prints as it goes."""
+    from finitetune.config import GuardConfig
+    from finitetune.verify import render
+    from finitetune.verify.harness import BATCH, LR, prepare_setup, quiet, run_arm
+    from finitetune.verify.scenarios import LR_STEPS, SCENARIOS, STEPS
 
-        # the rows every arm needs: the longest scenario, or the minimal run if longer
-        need = max(STEPS, LR_STEPS, steps) * BATCH
-        with quiet():
-            setup = prepare_setup(model, data=data, rows_needed=need)
-        with quiet(setup.threads):
-            say(f"finitetune verify: {model} ({setup.n_params / 1e6:.1f}M params, vocab "
-                f"{setup.vocab_size}) on {setup.task}; batch {BATCH}, CPU, "
-                f"{setup.threads} torch thread(s)")
-            say(f"files: {root}" + ("" if output_dir else " (temporary)"))
-            say()
-            minimal = run_arm(setup, root / "minimal", "guarded", setup.take(steps * BATCH),
-                              steps, guard=GuardConfig(), lr=LR)
-            minimal_ok = (minimal.report.verdict == "healthy" and minimal.params_finite
-                          and minimal.loss_fell())
-            say(render.seed_report(minimal, steps))
-            results = []
-            for i, key in enumerate(chosen, 1):
-                res = SCENARIOS[key](setup, root / key)
-                results.append(res)
-                say()
-                say(render.scenario_table(i, res))
-        seconds = time.perf_counter() - start
-        info = {"model": model, "data": data, "steps": steps, "seconds": round(seconds, 1),
-                "output_dir": str(root) if output_dir else None}
-        payload = render.to_dict(results, minimal, minimal_ok, info, root)
-        write_json_atomic(root / "verify.json", payload)
-        ok = payload["ok"]
+    # the rows every arm needs: the longest scenario, or the minimal run if longer
+    need = max(STEPS, LR_STEPS, steps) * BATCH
+    with quiet():
+        setup = prepare_setup(model, data=data, rows_needed=need)
+    with quiet(setup.threads):
+        say(f"finitetune verify: {model} ({setup.n_params / 1e6:.1f}M params, vocab "
+            f"{setup.vocab_size}) on {setup.task}; batch {BATCH}, CPU, "
+            f"{setup.threads} torch thread(s)")
+        say(f"files: {root}" + ("" if kept else " (temporary)"))
         say()
-        say(render.summary_line(results, minimal_ok, seconds))
-        if as_json:
-            from finitetune.jsonio import dumps_strict
-
-            print(dumps_strict(payload, indent=2), file=out, flush=True)
-        for res in results:  # drop the Trainers (and their models) now, not at interpreter exit
-            for arm in (res.unguarded, res.guarded):
-                arm.trainer = None
-        minimal.trainer = None
-        return VerifyResult(ok=ok, minimal_ok=minimal_ok, scenarios=results, minimal=minimal,
-                            seconds=seconds, output_dir=root if output_dir else None,
-                            data=payload)
-    finally:
-        if not output_dir:
-            shutil.rmtree(root, ignore_errors=True)
+        minimal = run_arm(setup, root / "minimal", "guarded", setup.take(steps * BATCH),
+                          steps, guard=GuardConfig(), lr=LR)
+        minimal_ok = (minimal.report.verdict == "healthy" and minimal.params_finite
+                      and minimal.loss_fell())
+        say(render.seed_report(minimal, steps))
+        results = []
+        for i, key in enumerate(chosen, 1):
+            res = SCENARIOS[key](setup, root / key)
+            results.append(res)
+            say()
+            say(render.scenario_table(i, res))
+    return results, minimal, minimal_ok

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from finitetune.config import GuardConfig
+from finitetune.numerics import FP16_MAX
 from finitetune.testing import GradFault, OutputFault, assert_same_state
 from finitetune.verify.harness import (
     BATCH,
@@ -232,7 +233,6 @@ def _same_state(a: Any, b: Any) -> tuple[bool, str]:
 
 OVERFLOW_SCALE = 2.0**24
 """How much larger the feed-forward activation is made (a power of two: exact in fp32/bf16)."""
-FP16_MAX = 65504.0
 
 
 class ReducedPrecision:
@@ -348,7 +348,8 @@ def lr_divergence(setup: Setup, root: Path) -> ScenarioResult:
     high enough for the loss to wander and the report rightly says it is not decreasing.)
     """
     cfg = divergence_guard()
-    kw = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup", warmup_steps=WARMUP)
+    kw: dict[str, Any] = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup",
+                              warmup_steps=WARMUP)
     rows = setup.take(LR_STEPS * BATCH)
     u = run_arm(setup, root / "unguarded", "unguarded", rows, LR_STEPS, **kw)
     g = run_arm(setup, root / "guarded", "guarded", rows, LR_STEPS, guard=cfg, **kw)

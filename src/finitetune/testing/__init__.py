@@ -18,14 +18,15 @@ loop). Nothing here is imported by finitetune itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "GradFault", "HostSyncCounter", "LossScale", "OutputFault", "assert_same_state",
+    "GradFault", "HostSyncCounter", "LossScale", "OutputFault", "StateMismatch",
+    "assert_same_state",
     "count_host_syncs", "free_port", "inject_nonfinite_grad", "run_distributed",
 ]
 
@@ -104,8 +105,11 @@ class GradFault(_Handle):
     def _hook(self, param: torch.Tensor) -> None:
         self.calls += 1
         if self.at is None or self.calls in self.at:
+            grad = param.grad
+            if grad is None:  # the hook runs after accumulation: a grad exists by then
+                raise RuntimeError("GradFault: the hooked parameter has no gradient to write into")
             for value, index in self.writes:
-                _write(param.grad, value, index)
+                _write(grad, value, index)
             self.fired.append(self.calls)
 
 
@@ -242,149 +246,50 @@ def assert_same_state(
     model_a: torch.nn.Module, model_b: torch.nn.Module, optimizer_a: Any = None,
     optimizer_b: Any = None, scheduler_a: Any = None, scheduler_b: Any = None,
 ) -> None:
-    """Assert bit-identity (``torch.equal``) of two training states, naming the first difference.
+    """Check bit-identity (``torch.equal``) of two training states, naming the first difference.
 
     Compares every parameter and buffer, every optimizer-state entry of every parameter
     (moments, ``step``, ...), the param groups' hyper-parameters (lr, ...) and the schedulers'
     ``state_dict``. This is what "a skipped step leaves no trace" means: compare a guarded run
     with a control run that simply never saw the bad batch.
+
+    Raises:
+        StateMismatch: the first difference, named (raised explicitly, so ``python -O``,
+            which strips ``assert`` statements, cannot turn the check off).
     """
     sa, sb = model_a.state_dict(), model_b.state_dict()
-    assert sa.keys() == sb.keys(), "models have different parameter names"
+    _require(sa.keys() == sb.keys(), "models have different parameter names")
     for name, ta in sa.items():
         tb = sb[name]
-        assert ta.dtype == tb.dtype and torch.equal(ta, tb), f"parameter/buffer {name} differs"
+        _require(ta.dtype == tb.dtype and torch.equal(ta, tb), f"parameter/buffer {name} differs")
     if optimizer_a is not None or optimizer_b is not None:
         oa, ob = optimizer_a.state_dict(), optimizer_b.state_dict()
-        assert oa["state"].keys() == ob["state"].keys(), (
-            f"optimizer state covers different parameters: {sorted(oa['state'])} vs "
-            f"{sorted(ob['state'])}")
+        _require(oa["state"].keys() == ob["state"].keys(),
+                 f"optimizer state covers different parameters: {sorted(oa['state'])} vs "
+                 f"{sorted(ob['state'])}")
         for idx, entries in oa["state"].items():
             other = ob["state"][idx]
-            assert entries.keys() == other.keys(), f"optimizer state {idx}: keys differ"
+            _require(entries.keys() == other.keys(), f"optimizer state {idx}: keys differ")
             for key, va in entries.items():
                 vb = other[key]
                 same = torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
-                assert same, f"optimizer state of parameter #{idx}, key {key!r} differs"
+                _require(same, f"optimizer state of parameter #{idx}, key {key!r} differs")
         for i, (ga, gb) in enumerate(zip(oa["param_groups"], ob["param_groups"], strict=True)):
-            assert ga == gb, f"param group {i} differs: {ga} vs {gb}"
+            _require(ga == gb, f"param group {i} differs: {ga} vs {gb}")
     if scheduler_a is not None or scheduler_b is not None:
         da, db = scheduler_a.state_dict(), scheduler_b.state_dict()
-        assert da == db, f"scheduler state differs: {da} vs {db}"
+        _require(da == db, f"scheduler state differs: {da} vs {db}")
 
 
-# --------------------------------------------------------------------------- 2-process runner
+class StateMismatch(AssertionError):
+    """Two training states that should be bit-identical differ (see :func:`assert_same_state`).
+
+    An ``AssertionError`` so test runners report it as a failed check, not as a crash."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for ``MASTER_PORT``)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise StateMismatch(message)
 
 
-def _distributed_worker(fn: Callable[..., Any], args: tuple, kwargs: dict, rank: int,
-                        world_size: int, port: int, backend: str, threads: int,
-                        timeout: float, queue: Any) -> None:
-    """Child process: set the launcher's env, join the group, run ``fn``, report, tear down."""
-    import datetime
-    import os
-    import pickle
-    import traceback
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS=str(threads))
-    torch.set_num_threads(threads)
-    try:
-        torch.distributed.init_process_group(
-            backend, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout))  # a collective that hangs times out too
-        result = fn(*args, **kwargs)
-        # plain pickle (tensors by value): torch's shared-memory pickling would need this
-        # process alive after it exits
-        queue.put((rank, True, pickle.dumps(result)))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2,
-                    timeout: float = 120.0, backend: str = "gloo", threads: int = 1,
-                    **kwargs: Any) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` in ``world_size`` fresh processes joined in a process group.
-
-    Each process gets what ``torchrun`` would give it (``MASTER_ADDR=127.0.0.1``, a free
-    ``MASTER_PORT``, ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), ``threads`` CPU threads, and an
-    initialised ``backend`` group (gloo: CPU, runs anywhere); ``fn`` finds its rank with
-    ``torch.distributed.get_rank()``. Returns ``fn``'s return values in rank order (they must
-    pickle; tensors travel by value).
-
-    A hang must fail, not block the suite: after ``timeout`` seconds every child still running
-    is killed and :class:`TimeoutError` names the ranks that did not finish. When a rank raises,
-    the others (probably waiting in a collective for it) are killed after a short grace and
-    :class:`RuntimeError` carries every rank's traceback. Children never outlive the call.
-
-    ``fn`` must be importable by name (a module-level function), since children are spawned,
-    not forked: forking a process that already runs torch threads can deadlock.
-    """
-    import multiprocessing as mp
-    import pickle
-    import queue as queue_mod
-    import time
-
-    ctx = mp.get_context("spawn")
-    results: Any = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_distributed_worker, daemon=True,
-                         args=(fn, args, kwargs, r, world_size, port, backend, threads, timeout,
-                               results))
-             for r in range(world_size)]
-    done: dict[int, Any] = {}
-    errors: dict[int, str] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.start()
-        grace_end: float | None = None
-        while len(done) + len(errors) < world_size:
-            now = time.monotonic()
-            if now > deadline or (grace_end is not None and now > grace_end):
-                break
-            try:
-                rank, ok, payload = results.get(timeout=0.2)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if p.exitcode is not None and r not in done and r not in errors]
-                if dead and grace_end is None:
-                    grace_end = time.monotonic() + 2.0  # let its report arrive, if any
-                elif dead:
-                    for r in dead:
-                        errors[r] = f"rank {r} exited with code {procs[r].exitcode} without "\
-                                    "reporting"
-                continue
-            if ok:
-                done[rank] = pickle.loads(payload)
-            else:
-                errors[rank] = payload
-                if grace_end is None:
-                    grace_end = time.monotonic() + 2.0  # collect the other ranks' errors
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(10)
-        results.close()
-    if errors:
-        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-        raise RuntimeError(f"{len(errors)} of {world_size} ranks failed:\n{text}")
-    missing = [r for r in range(world_size) if r not in done]
-    if missing:
-        raise TimeoutError(f"ranks {missing} did not finish within {timeout:g} s (a hang in "
-                           "a collective?); every child was killed")
-    return [done[r] for r in range(world_size)]
+from finitetune.testing.distributed import free_port, run_distributed  # noqa: E402

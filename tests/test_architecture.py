@@ -1,0 +1,106 @@
+"""The structure rules of ``docs/architecture.md``, checked on the source itself.
+
+The import rules are read from the document's ``import-rules`` block, so the map a newcomer
+reads and the rules the suite enforces cannot drift apart. Imports are found statically (AST),
+including the lazy ones inside functions: a core module that imports transformers only inside
+one function still breaks the rule.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+DOC = ROOT / "docs" / "architecture.md"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+LONG_REASON = "# long:"  # a function past the limit says why, in a comment inside it
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((SRC / "finitetune").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    """Every module name the file imports (``from a.b import c`` gives a.b and a.b.c)."""
+    found: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _rules() -> list[tuple[str, list[str]]]:
+    text = DOC.read_text(encoding="utf-8")
+    block = re.search(r"```import-rules\n(.*?)```", text, re.S)
+    assert block, f"{DOC} has no ```import-rules block"
+    rules = []
+    for line in block.group(1).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            pattern, _, banned = line.partition(" may not import ")
+            rules.append((pattern.strip(), [b.strip() for b in banned.split(",") if b.strip()]))
+    return rules
+
+
+RULES = _rules()
+MODULES = _modules()
+
+
+@pytest.mark.parametrize(("pattern", "banned"), RULES, ids=[r[0] for r in RULES])
+def test_import_rule(pattern, banned):
+    matched = [m for m in MODULES if fnmatch.fnmatchcase(m, pattern)]
+    assert matched, f"rule {pattern!r} matches no module: update docs/architecture.md"
+    broken = []
+    for module in matched:
+        for name in sorted(_imports(module, MODULES[module])):
+            for ban in banned:
+                if fnmatch.fnmatchcase(name, ban) or name.startswith(ban + "."):
+                    broken.append(f"{module} imports {name} (banned: {ban})")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_module_is_on_the_map():
+    """A new module is added to docs/architecture.md's map (so the map stays current)."""
+    text = DOC.read_text(encoding="utf-8")
+    missing = [str(path.relative_to(SRC / "finitetune")) for path in MODULES.values()
+               if path.name != "__init__.py"
+               and f"`{path.relative_to(SRC / 'finitetune')}`" not in text]
+    assert not missing, f"modules missing from docs/architecture.md: {missing}"
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for module, path in MODULES.items():
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        if len(lines) > MAX_MODULE_LINES:
+            too_long.append(f"{module}: {len(lines)} lines (> {MAX_MODULE_LINES}): split it")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                body = "\n".join(lines[node.lineno - 1: node.end_lineno])
+                if length > MAX_FUNCTION_LINES and LONG_REASON not in body:
+                    too_long.append(f"{module}.{node.name}: {length} lines without a "
+                                    f"'{LONG_REASON} <why>' comment")
+    assert not too_long, "\n".join(too_long)
