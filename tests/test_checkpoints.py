@@ -236,3 +236,17 @@ def test_inf_weight_never_reaches_a_checkpoint_and_resume_uses_the_healthy_one(
     elsewhere = shutil.copytree(plain / "checkpoint-12", tmp_path / "other" / "checkpoint-12")
     with pytest.raises(ConfigError, match="nonfinite"):  # an explicit bad path is refused
         resumed.train(resume_from_checkpoint=str(elsewhere))
+
+
+def test_without_a_healthy_checkpoint_require_changes_nothing_and_restart_starts_at_0(tmp_path):
+    _fake_checkpoint(tmp_path, 2)
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()  # killed mid-save
+    metrics = "".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(metrics)
+    plan = prepare_resume(tmp_path, require=True)  # Trainer(resume_from_checkpoint=True)
+    assert plan.checkpoint is None and plan.rejected[0].health == Health.PARTIAL
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "events.jsonl").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    plan = prepare_resume(tmp_path)  # finitetune train --resume: start again from step 0
+    assert plan.step == 0 and (tmp_path / "partial-checkpoint-2").is_dir()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""

@@ -74,7 +74,6 @@ def _steps(path: Path) -> list[int]:
     ("save:4", "cosine"),   # during the save of checkpoint-4
     ("log:5", "cosine"),    # mid-line in metrics.jsonl
     ("end", "cosine"),      # after the last checkpoint, before final/
-    ("save:4", "constant"),
     ("end", "constant"),    # "trained 7 steps of 6", different weights, before the fix
 ])
 def test_killed_anywhere_resumes_to_the_uninterrupted_weights(

@@ -280,9 +280,12 @@ def _save_final_if_finite(trainer: Any, tokenizer: Any, out: Path) -> None:
 
     check = check_state(trainer.model)
     if not check.finite:
-        log.warning("finitetune: final/ NOT written: the model holds NaN/inf in %s",
-                    ", ".join(check.nonfinite[:3]))
-        return
+        from finitetune.errors import NonFiniteHalt
+
+        raise NonFiniteHalt(f"training ended with NaN/inf in {', '.join(check.nonfinite[:3])}: "
+                            "final/ was NOT written; resume from the last healthy checkpoint "
+                            "(`finitetune train --resume`) with a lower learning rate",
+                            {"nonfinite_weights": check.nonfinite[:20]})
     save_final(trainer, tokenizer, out)
 
 

@@ -72,17 +72,18 @@ class ResumePlan:
         return text
 
 
-def prepare_resume(run_dir: str | os.PathLike, *, trim: bool = True,
-                   write: bool = True) -> ResumePlan:
+def prepare_resume(run_dir: str | os.PathLike, *, trim: bool = True, write: bool = True,
+                   require: bool = False) -> ResumePlan:
     """Choose the checkpoint, set unusable ones aside, repair and trim the logs, record it.
 
-    ``write=False`` (ranks other than 0): only choose. ``trim=False``: leave the JSON-lines
-    files as they are (a directory without finitetune's metrics writer).
+    ``write=False``: only choose. ``trim=False``: leave the JSON-lines files as they are (a
+    directory without finitetune's metrics writer). ``require``: without a healthy checkpoint
+    change nothing (the caller reports the error) instead of preparing a restart from step 0.
     """
     run_dir = Path(run_dir)
     chosen, rejected = select_checkpoint(run_dir)
     plan = ResumePlan(chosen, rejected)
-    if not write:
+    if not write or (require and chosen is None):
         return plan
     plan.moved = [set_aside(h).name for h in rejected]
     if trim:

@@ -135,13 +135,13 @@ class CheckpointCallback(TrainerCallback):
         if resume is None or resume is False:
             return resume
         out = Path(self.trainer.args.output_dir)
-        if isinstance(resume, bool):
-            main = distributed.is_main_process()
-            plan = prepare_resume(out, write=main,
-                                  trim=(self._out() / run_files.METRICS).is_file())
-            path = distributed.broadcast_object(plan.path)  # COLLECTIVE: rank 0's choice
+        if isinstance(resume, bool):  # rank 0 chooses and renames; the others wait for it
+            plan = (prepare_resume(out, trim=(self._out() / run_files.METRICS).is_file(),
+                                   require=True) if distributed.is_main_process() else None)
+            path = distributed.broadcast_object(plan.path if plan else None)  # COLLECTIVE
             if path is None:
-                why = "; ".join(h.describe() for h in plan.rejected) or "no checkpoint-* folder"
+                why = ("; ".join(h.describe() for h in plan.rejected) if plan else "") or (
+                    "no usable checkpoint-* folder")
                 raise ConfigError(f"resume_from_checkpoint=True: no healthy checkpoint in "
                                   f"{out} ({why})")
             return path
@@ -201,6 +201,8 @@ class CheckpointCallback(TrainerCallback):
             write_marker(cand.path, cand.step, **{k: v for k, v in cand.marker.items()
                                                   if k not in ("step", "files", "finite")})
         self._pinned = cand
+        if args.metric_for_best_model is None:
+            state.best_model_checkpoint = str(cand.path)  # rotation (and the end) keep it
         if self.disk is not None:
             self.disk.use(cand)
 
