@@ -1,10 +1,12 @@
 """The main job: data -> model -> Trainer (+ guard) -> evaluation -> run directory.
 
-Everything that can fail because of the user's input (data file, model directory, config) is
-checked *before* the run directory is touched, so a bad input leaves nothing half-written.
-Once training starts, every file is written as it happens (metrics/events line by line,
-checkpoints by the Trainer, JSON atomically), and ``finally`` writes the evaluation and report
-even when training stops early.
+Everything that can fail because of the user's input (settings, output directory, data file,
+model directory, LoRA targets, what transformers accepts) is checked *before* the run
+directory is touched, so a bad input leaves nothing behind. Once training starts, every file is
+written as it happens (metrics/events line by line, checkpoints by the Trainer, JSON
+atomically), and ``finally`` records how the run ended in ``status.json`` (completed, halted,
+failed, with the step and error) and writes the evaluation and report, also when training
+stops early. ``final/`` is written only from a model that trained.
 
 Launched as several processes (``torchrun --nproc_per_node N``, ``accelerate launch
 --num_processes N``), every rank trains and only rank 0 writes: it makes the run directory
@@ -16,6 +18,7 @@ that rank 0 writes once. The process group is torn down at the end so every rank
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -29,10 +32,16 @@ from typing import Any
 
 from finitetune import run_files
 from finitetune.config import TrainConfig
-from finitetune.errors import ConfigError
+from finitetune.errors import ConfigError, NonFiniteHalt, SettingError
 from finitetune.jsonio import write_json_atomic
 from finitetune.numerics import IGNORE_INDEX
-from finitetune.run_writer import make_run_dir, save_final, write_eval, write_reports
+from finitetune.run_writer import (
+    check_output_dir,
+    default_output_dir,
+    make_run_dir,
+    record_outcome,
+    save_final,
+)
 
 log = logging.getLogger("finitetune")
 
@@ -178,44 +187,91 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     from finitetune.precision import choose_precision
 
     # 1. everything that can be wrong with the input, before writing anything
+    cfg = dataclasses.replace(cfg, output_dir=str(default_output_dir(cfg)))
+    if not distributed.is_distributed():  # else rank 0 checks it in make_run_dir, and says so
+        check_output_dir(cfg)
     records = load_data_records(cfg.data, cfg.model, cfg.seed)
     train_recs, eval_recs = split_records(records, cfg.data.eval_size, cfg.seed)
     # a precision the hardware cannot honour fails here, before the model loads
     choose_precision(None, device=_train_device(), requested=cfg.precision)
     with distributed.main_process_first():  # rank 0 fills the model cache, then the others
         model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code,
+                               remote_code_flag=_REMOTE_CODE_FLAG)
     rows, label_report, label_summary = prepare_rows(train_recs, tokenizer, cfg.data)
     if distributed.is_main_process():
         print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
                  if any(t != IGNORE_INDEX for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]
-    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code,
+                       remote_code_flag=_REMOTE_CODE_FLAG)
+    # LoRA targets the model lacks stop here. The baseline evaluation runs on the wrapped
+    # model: a fresh adapter's B matrix is zero, so its outputs are the base model's exactly.
+    model = apply_lora(model, cfg)
+    # the device the Trainer will use: use_cpu=True unless CUDA (MPS is never picked here)
+    plan = choose_precision(model, device=_train_device(), requested=cfg.precision)
+    args = _checked_training_arguments(cfg, planned_steps(cfg, len(rows)), plan)
+    _check_resumable(cfg)
 
     # 2. the run directory
     out = make_run_dir(cfg, label_report, label_summary, tokenizer)
+    main = distributed.is_main_process()
+    if main:
+        print(f"finitetune: precision: {plan}", flush=True)
+        write_json_atomic(out / run_files.PRECISION, plan.to_dict())
     result = RunResult(output_dir=out)
     eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
                        max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
                        template=cfg.data.template)
-    try:
-        result = _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
-                                     eval_kwargs, result)
-    finally:
-        if distributed.is_main_process():
-            write_eval(out, result)
-            write_reports(out)
+    with record_outcome(out, result, write=main):  # status, eval and reports, also on failure
+        _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
+                            eval_kwargs, result, args)
     return result
 
 
+_REMOTE_CODE_FLAG = "--trust-remote-code"
+"""How a user of ``finitetune train`` allows a model's own code (named in the error)."""
+
+
+def _checked_training_arguments(cfg: TrainConfig, steps: int, plan: Any) -> Any:
+    """``TrainingArguments`` built before the run directory exists, so a setting transformers
+    refuses (an unknown scheduler name, ...) stops before anything is written."""
+    from transformers.trainer_utils import SchedulerType
+
+    if cfg.lr_scheduler_type not in {s.value for s in SchedulerType}:
+        raise SettingError("lr_scheduler_type", cfg.lr_scheduler_type,
+                           "one of: " + ", ".join(s.value for s in SchedulerType))
+    try:
+        return training_arguments(cfg, Path(cfg.output_dir or "."), steps, plan)
+    except ValueError as exc:
+        raise ConfigError(f"transformers refuses these settings: {exc}") from None
+
+
+def _check_resumable(cfg: TrainConfig) -> None:
+    """With ``--resume``, before anything is written: a healthy checkpoint exists, or the run
+    was killed before its first one (its status still says running: it starts again from step
+    0). A run that ended without a usable checkpoint is an error that changes nothing."""
+    if not cfg.resume:
+        return
+    from finitetune.checkpoints import select_checkpoint
+
+    out = Path(str(cfg.output_dir))
+    chosen, rejected = select_checkpoint(out)  # reads only; resume.prepare_resume acts later
+    if chosen is not None or run_files.read_status(out) == run_files.RunState.RUNNING:
+        return
+    why = "; ".join(h.describe() for h in rejected)
+    raise ConfigError(f"--resume: no checkpoint-* folder in {out}" if not why else
+                      f"--resume: no healthy checkpoint in {out} ({why}); --overwrite starts "
+                      "the run again")
+
+
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
-                        result: RunResult) -> RunResult:
+                        result: RunResult, args: Any) -> RunResult:
     from finitetune.evaluation import eval_loss, exact_match
     from finitetune.guard import distributed
     from finitetune.integrations.checkpoint_callback import load_checkpoint_weights
     from finitetune.integrations.trainer import build_trainer
-    from finitetune.precision import choose_precision
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
     resume = _resume_plan(out, main) if cfg.resume else None
@@ -226,20 +282,14 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         result.eval_before["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
         _print_eval("before", result.eval_before)
 
-    model = apply_lora(model, cfg)
-    # the device the Trainer will use: use_cpu=True unless CUDA (MPS is never picked here)
-    plan = choose_precision(model, device=_train_device(), requested=cfg.precision)
-    if main:
-        print(f"finitetune: precision: {plan}", flush=True)
-        write_json_atomic(out / run_files.PRECISION, plan.to_dict())
-    steps = planned_steps(cfg, len(rows))
     trainer, _loss = build_trainer(
-        model, training_arguments(cfg, out, steps, plan), rows,
+        model, args, rows,
         pad_token_id=tokenizer.pad_token_id, guard=cfg.guard, attribution=cfg.attribution,
         sources={r["index"]: r["source"] for r in rows if r.get("source")})
     start = time.perf_counter()
     try:
-        if resume is not None and resume.checkpoint is not None and resume.step >= steps:
+        if resume is not None and resume.checkpoint is not None and (
+                resume.step >= trainer.state.max_steps > 0 or resume.step >= args.max_steps > 0):
             # killed after its last checkpoint: train nothing more (not one step past the end)
             load_checkpoint_weights(trainer, resume.checkpoint.path)
             trainer.state.global_step = resume.step
@@ -248,7 +298,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     finally:
         result.train_seconds = round(time.perf_counter() - start, 2)
         result.global_step = trainer.state.global_step
-    if main:  # only after training finished: a failed run leaves no final/
+    if main:  # only after training finished: a halted or failed run leaves no final/
         _save_final_if_finite(trainer, tokenizer, out)
     if not main:
         return result  # evaluation (generation) runs on rank 0 only
@@ -280,8 +330,6 @@ def _save_final_if_finite(trainer: Any, tokenizer: Any, out: Path) -> None:
 
     check = check_state(trainer.model)
     if not check.finite:
-        from finitetune.errors import NonFiniteHalt
-
         raise NonFiniteHalt(f"training ended with NaN/inf in {', '.join(check.nonfinite[:3])}: "
                             "final/ was NOT written; resume from the last healthy checkpoint "
                             "(`finitetune train --resume`) with a lower learning rate",

@@ -68,6 +68,13 @@ PARTIAL_PREFIX = "partial-"
 NONFINITE_PREFIX = "nonfinite-"
 """``nonfinite-checkpoint-<step>``: a checkpoint holding NaN/inf, set aside on resume."""
 
+OWNER_MARKER = ".finitetune-run.json"
+"""Written first into every directory finitetune creates (run directory, ``verify`` output):
+who created it and when. Only a directory carrying it may be replaced (``--overwrite``) or
+resumed (``--resume``); a folder without it is never written into or deleted."""
+STATUS = "status.json"
+"""The run's state (:class:`RunState`), its last step and, when it failed, the error."""
+
 RUN_MARKERS = (METRICS, EVENTS, EVAL, LABEL_REPORT, CONFIG)
 """Files any one of which makes a folder a finitetune run directory (for readers)."""
 
@@ -94,6 +101,27 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
+class RunState(str, Enum):
+    """``state`` in :data:`STATUS`."""
+
+    RUNNING = "running"
+    """Training started and has not ended (or the process was killed)."""
+    COMPLETED = "completed"
+    """Training and the final evaluation finished."""
+    HALTED = "halted"
+    """The guard stopped training (``NonFiniteHalt``); the error says why."""
+    FAILED = "failed"
+    """An error stopped the run after it started; the error names it."""
+
+
+def read_status(run_dir: str | os.PathLike) -> RunState | None:
+    """The ``state`` of ``run_dir``'s :data:`STATUS` (None: no file, or unreadable)."""
+    try:
+        return RunState(json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))["state"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # ------------------------------------------------------------------------- JSON lines --
 class Tolerance(str, Enum):
     """How :func:`read_jsonl` treats a line that is not a JSON object."""
@@ -116,6 +144,8 @@ class JsonLines:
     """One sentence per line that was skipped (and, with ``REPAIR``, removed)."""
     lines: int = 0
     """Lines in the file, blank ones included."""
+    line_numbers: list[int] = field(default_factory=list)
+    """The 1-based line of each record, so a caller can name the line of a bad field."""
 
 
 def read_jsonl(path: str | os.PathLike, tolerance: Tolerance | str = Tolerance.STRICT, *,
@@ -151,6 +181,7 @@ def read_jsonl(path: str | os.PathLike, tolerance: Tolerance | str = Tolerance.S
             record = None
         if isinstance(record, dict):
             out.records.append(decode_nonfinite(record) if decode else record)
+            out.line_numbers.append(lineno)
             kept.append(line)
             continue
         torn = lineno == last
@@ -178,6 +209,7 @@ def trim_jsonl(path: str | os.PathLike, last_step: int) -> JsonLines:
         from finitetune.jsonio import dumps_strict
 
         write_text_atomic(path, "".join(dumps_strict(r) + "\n" for r in keep))
+        read.line_numbers = list(range(1, len(keep) + 1))
     read.records = keep
     return read
 

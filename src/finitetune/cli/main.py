@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "train": "fine-tune a causal LM with label validation, safe loss and the gradient guard",
     "check": "validate the labels of a data file before training",
     "report": "health report of a run directory, trainer_state.json or pasted logs",
+    "watch": "follow a run while it grows: live counts, plots, verdict; exit on unhealthy",
     "explain": "timeline of guard events of a run, with their attribution",
     "verify": "prove the fixes: failure scenarios unguarded vs guarded",
     "env": "versions, device and precision plan, ready for a bug report",

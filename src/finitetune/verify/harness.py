@@ -35,7 +35,7 @@ import torch
 from finitetune import run_files
 from finitetune.errors import NonFiniteHalt
 from finitetune.jsonio import write_text_atomic
-from finitetune.report import HealthReport, health_report
+from finitetune.report import HealthReport, health_report, to_json, to_markdown
 
 BATCH = 8
 """Micro-batch size of every arm (gradient accumulation 1: one micro-batch = one step)."""
@@ -265,8 +265,8 @@ def run_arm(
             h.remove()
     trainer.state.save_to_json(str(out / run_files.TRAINER_STATE))
     report = health_report(out, vocab_size=setup.vocab_size, max_grad_norm=MAX_GRAD_NORM)
-    write_text_atomic(out / run_files.REPORT_MD, report.to_markdown())
-    write_text_atomic(out / run_files.REPORT_JSON, report.to_json())
+    write_text_atomic(out / run_files.REPORT_MD, to_markdown(report))
+    write_text_atomic(out / run_files.REPORT_JSON, to_json(report))
     if recorder is not None:
         bad_loss = recorder.nonfinite_steps()
     else:  # the guarded run's metrics.jsonl logs the true window loss, NaN included
