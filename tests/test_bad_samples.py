@@ -114,7 +114,7 @@ def test_nan_batch_is_not_seen_again_after_a_restart_and_the_report_names_it(
     monkeypatch.setattr(models, "load_model", load_with_fault)
     out = tmp_path / "run"
     args = ["train", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out),
-            "--max-steps", "9", "--save-steps", "1", "--save-total-limit", "0",
+            "--max-steps", "9", "--save-steps", "1", "--save-total-limit", "20",
             "--logging-steps", "1", "--batch-size", "4", "--eval-size", "4", "--lora-r", "0",
             "--precision", "fp32", "--no-eval-before"]
     assert main(args) == 0

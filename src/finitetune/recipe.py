@@ -328,7 +328,7 @@ def _save_final_if_finite(trainer: Any, tokenizer: Any, out: Path) -> None:
     """``final/`` only from a finite model (a NaN model is never handed on as the result)."""
     from finitetune.guard.state_check import check_state
 
-    check = check_state(trainer.model)
+    check = check_state(trainer.model, collective=False)  # rank 0 only; replicated weights
     if not check.finite:
         raise NonFiniteHalt(f"training ended with NaN/inf in {', '.join(check.nonfinite[:3])}: "
                             "final/ was NOT written; resume from the last healthy checkpoint "

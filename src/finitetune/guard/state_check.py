@@ -63,17 +63,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_state(model: torch.nn.Module, optimizer: Any | None = None) -> StateCheck:
+def check_state(model: torch.nn.Module, optimizer: Any | None = None, *,
+                collective: bool = True) -> StateCheck:
     """Check trainable parameters and optimizer state for NaN/inf.
 
     One grouped max-abs pass (:func:`finitetune.foreach.per_tensor_max_abs`). HOST SYNC: one
-    read (save time only). Distributed: when a process group is up, the count of non-finite
-    tensors is all-reduced (COLLECTIVE) so every rank refuses or saves alike.
+    read (save time only). Distributed, with ``collective``: when a process group is up, the
+    count of non-finite tensors is all-reduced (COLLECTIVE: every rank must call it) so every
+    rank refuses or saves alike; ``collective=False`` for a check on one rank only.
     """
     names, tensors = training_state(model, optimizer)
     maxes = per_tensor_max_abs(tensors)
     count = (~torch.isfinite(maxes)).sum().to(torch.int64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if collective and torch.distributed.is_available() and torch.distributed.is_initialized():
         count = count.to(_collective_device())
         torch.distributed.all_reduce(count)  # COLLECTIVE: SUM, so any rank's NaN counts
     if int(count.item()) == 0:  # HOST SYNC

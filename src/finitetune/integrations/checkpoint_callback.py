@@ -33,6 +33,7 @@ adapter / sharded checkpoints on rollback). Tested with transformers 5.24.
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ from finitetune.guard.state_check import check_state
 from finitetune.resume import prepare_resume, record_event
 
 __all__ = ["CheckpointCallback", "load_checkpoint_weights"]
+
+log = logging.getLogger("finitetune")
 
 SEAMS = {"_save_checkpoint": ["model", "trial"], "_load_from_checkpoint":
          ["resume_from_checkpoint", "model"]}
@@ -251,10 +254,13 @@ class CheckpointCallback(TrainerCallback):
             self.bind(trainer)
         self.disk = None
         if self.config.needs_snapshots and self.config.rollback_to == "disk":
-            if args.save_strategy in ("no", None) or str(args.save_strategy) in (
-                    "no", "SaveStrategy.NO"):
+            if args.save_strategy in ("no", None):
                 raise ConfigError("guard rollback_to='disk' rolls back to the run's checkpoints,"
                                   " but saving is off (save_strategy='no'): set save_steps")
+            if args.save_strategy == "steps" and args.save_steps >= state.max_steps > 0:
+                log.warning("finitetune: rollback_to='disk' but the first checkpoint comes at "
+                            "the end (save_steps=%s): until then a rollback is a skip; set "
+                            "save_steps lower", args.save_steps)
             self._attach_disk()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
