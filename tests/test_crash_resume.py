@@ -69,12 +69,12 @@ def _steps(path: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("point,schedule", [
-    ("step:1", "cosine"),   # before the first checkpoint: starts again from step 0
-    ("step:3", "cosine"),   # mid-step, between checkpoints
-    ("save:4", "cosine"),   # during the save of checkpoint-4
-    ("log:5", "cosine"),    # mid-line in metrics.jsonl
-    ("end", "cosine"),      # after the last checkpoint, before final/
-    ("end", "constant"),    # "trained 7 steps of 6", different weights, before the fix
+    ("step:1", "cosine"),    # before the first checkpoint: starts again from step 0
+    ("step:3", "constant"),  # mid-step, between checkpoints
+    ("save:4", "cosine"),    # during the save of checkpoint-4
+    ("log:5", "cosine"),     # mid-line in metrics.jsonl
+    ("end", "constant"),     # after the last checkpoint: "trained 7 steps of 6" and, with a
+                             # constant LR, different weights before the fix
 ])
 def test_killed_anywhere_resumes_to_the_uninterrupted_weights(
         tmp_path, tiny_model_dir, baselines, capfd, caplog, point, schedule):
