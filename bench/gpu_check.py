@@ -165,7 +165,9 @@ def _sync(a: argparse.Namespace) -> None:
 
 
 def _guard(trainer: Any) -> Any:
-    return getattr(trainer, "_finitetune_guard", None)
+    from finitetune.integrations.hf import guard_of
+
+    return guard_of(trainer)
 
 
 def _fmt(x: float | None) -> str:

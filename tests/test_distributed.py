@@ -205,7 +205,7 @@ def _ddp_gradients_vs_one_process() -> dict:
                 loss.backward()
             guard.observe_loss(loss.detach(), (labels[:, 1:] != -100).sum(),
                                window_normalized=True)
-        outcome = guard.check()  # decide only: the gradients stay for the comparison
+        outcome = guard.decide_and_prepare()  # decide only: the gradients stay for the comparison
         all_ids = torch.cat([ids for r in range(ws) for ids, _ in micro[r]])
         all_labels = torch.cat([lab for r in range(ws) for _, lab in micro[r]])
         ref_loss = causal_lm_loss(reference(all_ids), all_labels)
@@ -268,7 +268,7 @@ def _fully_shard_guard() -> dict:
             expected = [p.grad.full_tensor() * coef for p in model.parameters()]
         before = [p.full_tensor() for p in model.parameters()]  # collectives, outside the spy
         n = len(calls)
-        outcome = guard.check()
+        outcome = guard.decide_and_prepare()
         out["steps"].append((outcome.applied, outcome.reason, len(calls) - n))
         if step == 1:
             clipped = [p.grad.full_tensor() for p in model.parameters()]
@@ -305,6 +305,7 @@ def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
 
     from finitetune import GuardCallback
     from finitetune.errors import ConfigError
+    from finitetune.integrations.hf import guard_of
     from finitetune.loss import SafeCausalLMLoss
     from finitetune.testing import GradFault
 
@@ -328,7 +329,7 @@ def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
         fault.remove()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") \
         else trainer.optimizer
-    guard = trainer._finitetune_guard
+    guard = guard_of(trainer)
     out = {"skipped": guard.counters["skipped"], "applied": guard.counters["applied"],
            "checksums": _checksum(model, opt)}
     # The Trainer's FSDP option on CPU: accelerate silently trains with DDP instead, so the

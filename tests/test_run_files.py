@@ -105,7 +105,7 @@ def test_train_and_verify_build_their_trainers_with_the_same_function(
     """``verify`` must prove the wiring users run: both go through one builder, and what it
     builds carries the guard (with attribution), the safe loss and the metrics writer."""
     from finitetune.guard.attribution import Attributor
-    from finitetune.guard.bad_batches import FaultHook
+    from finitetune.guard.bad_batches import BadSampleRecorder
     from finitetune.integrations import trainer as wiring
     from finitetune.integrations.checkpoint_callback import CheckpointCallback
     from finitetune.integrations.hf import GuardCallback
@@ -137,6 +137,6 @@ def test_train_and_verify_build_their_trainers_with_the_same_function(
         assert {GuardCallback, CheckpointCallback, MetricsCallback} <= {
             type(cb) for cb in callbacks}
         guard_cb = next(cb for cb in callbacks if isinstance(cb, GuardCallback))
-        assert isinstance(guard_cb.on_fault, FaultHook)  # bad samples remembered, then
+        assert isinstance(guard_cb.on_fault, BadSampleRecorder)  # bad samples remembered, then
         assert isinstance(guard_cb.on_fault.inner, Attributor)  # attribution
         assert isinstance(trainer.compute_loss_func, SafeCausalLMLoss)

@@ -135,7 +135,7 @@ def _cuda_available() -> bool:
 def planned_steps(cfg: TrainConfig, n_train: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                 * distributed.world_size())  # each rank reads its own share of an epoch
@@ -151,7 +151,7 @@ def run_training(cfg: TrainConfig) -> RunResult:
     Under a multi-process launcher this joins the process group first and destroys it at the
     end (also after an error), so ``torchrun`` sees every rank exit.
     """
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     joined = _init_distributed()
     try:
@@ -170,7 +170,7 @@ def _init_distributed() -> bool:
     """
     import torch
 
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     if not distributed.launched_distributed() or torch.distributed.is_initialized():
         return False
@@ -181,8 +181,8 @@ def _init_distributed() -> bool:
 
 
 def _run_training(cfg: TrainConfig) -> RunResult:
+    from finitetune import distributed
     from finitetune.data.pipeline import describe, load_data_records, prepare_rows, tokenize_with
-    from finitetune.guard import distributed
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision import choose_precision
 
@@ -268,8 +268,8 @@ def _check_resumable(cfg: TrainConfig) -> None:
 
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
                         result: RunResult, args: Any) -> RunResult:
+    from finitetune import distributed
     from finitetune.evaluation import eval_loss, exact_match
-    from finitetune.guard import distributed
     from finitetune.integrations.checkpoint_callback import load_checkpoint_weights
     from finitetune.integrations.trainer import build_trainer
 
@@ -313,8 +313,8 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
 def _resume_plan(out: Path, main: bool) -> Any:
     """``--resume``: rank 0 picks the newest healthy checkpoint (sets aside the others, repairs
     and trims the logs); every rank gets its choice (COLLECTIVE when distributed)."""
+    from finitetune import distributed
     from finitetune.checkpoints import inspect_checkpoint
-    from finitetune.guard import distributed
     from finitetune.resume import ResumePlan, prepare_resume
 
     plan = prepare_resume(out) if main else ResumePlan(None)  # logs what it chose and why

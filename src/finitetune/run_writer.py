@@ -107,8 +107,8 @@ def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
     other ranks from using the directory before it exists. An error on rank 0 travels in it,
     so every rank raises the same error instead of waiting forever.
     """
+    from finitetune import distributed
     from finitetune.errors import FinitetuneError
-    from finitetune.guard import distributed
 
     found: tuple[str | None, str | None] = (None, None)
     if distributed.is_main_process():

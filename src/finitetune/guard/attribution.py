@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from finitetune.guard import distributed
+from finitetune import distributed
 from finitetune.guard.replay import (
     load_fault_batch,
     max_abs,
@@ -148,6 +148,7 @@ class Attributor:
         rec.update(self._grads())
         batches = [b for b in batches if isinstance(b[0], Mapping)][:cfg.max_micro_batches]
         replays: list[dict[str, Any]] = []
+        note: str | None
         if not batches:
             note = ("no batch (dict of model inputs) was registered: call "
                     "guard.observe_batch(batch) in plain loops")

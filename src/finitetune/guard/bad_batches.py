@@ -41,12 +41,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from finitetune import run_files
-from finitetune.guard import distributed
+from finitetune import distributed, run_files
 from finitetune.guard.policy import Reason
 from finitetune.jsonio import append_jsonl
 
-__all__ = ["BadSampleMemory", "FaultHook", "SkipSamples"]
+__all__ = ["BadSampleMemory", "BadSampleRecorder", "SkipSamples"]
 
 _NOT_FAULTS = frozenset({Reason.NO_VALID_TOKENS, Reason.SCALER_OVERFLOW})
 """Not-applied steps that say nothing about the data: empty windows, fp16 calibration."""
@@ -249,7 +248,7 @@ class SkipSamples:
         return {"input_ids": [token], "labels": [-100], "index": -1}
 
 
-class FaultHook:
+class BadSampleRecorder:
     """The guard's ``on_fault``: runs ``inner`` (attribution) first, then remembers the step's
     samples. Returns ``inner``'s record, or the sample ids when there is no inner hook."""
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from finitetune.guard import distributed
+from finitetune import distributed
+from finitetune.guard.distributed import rank_slots
 from finitetune.guard.policy import FP32_MAX, StepStats
 from finitetune.guard.stats import GRAD_FIELDS, LOSS_FIELDS
 
@@ -71,7 +72,7 @@ def pack(grad_vec: torch.Tensor, loss_vec: torch.Tensor, found_inf: torch.Tensor
     if found_inf is not None:
         parts.append(found_inf)
     if world_size > 1:
-        parts.append(distributed.rank_slots(rank_flags(grad_vec, loss_vec)))
+        parts.append(rank_slots(rank_flags(grad_vec, loss_vec)))
     return torch.cat(parts)
 
 

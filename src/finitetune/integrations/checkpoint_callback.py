@@ -4,8 +4,8 @@ on-disk rollback, for ``transformers.Trainer``::
     trainer = Trainer(..., callbacks=[GuardCallback(cfg), CheckpointCallback()])
     trainer.train(resume_from_checkpoint=True)     # the newest *healthy* checkpoint
 
-What it changes, on the Trainer *instance* it is given at construction (found in
-``on_init_end``, like ``GuardCallback``):
+What it changes, on the Trainer *instance* it is given (bound by the construction hook of
+:mod:`~finitetune.integrations.guarded`, like ``GuardCallback``):
 
 - **Saves** (``_save_checkpoint``, whatever triggered it: ``save_steps``, epoch end, best
   metric, end of training): first the trainable parameters and optimizer state are checked
@@ -24,52 +24,37 @@ What it changes, on the Trainer *instance* it is given at construction (found in
 - **Bad samples**: the after-windows of remembered faults are written at saves and at the end
   (:class:`~finitetune.guard.bad_batches.BadSampleMemory`).
 
-Private Trainer methods used, checked when the callback binds (a seam that silently does
-nothing would let a poisoned save through): ``Trainer._save_checkpoint(model, trial)`` (the
-one place every save goes through) and ``Trainer._load_from_checkpoint(path)`` (weights of
-adapter / sharded checkpoints on rollback). Tested with transformers 5.24.
+Private Trainer methods used, listed in
+:data:`~finitetune.integrations.trainer_seams.CHECKPOINT_SEAMS` and checked when the callback
+binds (a seam that silently does nothing would let a poisoned save through):
+``Trainer._save_checkpoint(model, trial)`` (the one place every save goes through) and
+``Trainer._load_from_checkpoint(path)`` (weights of adapter / sharded checkpoints).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from finitetune import run_files
+from finitetune import distributed, run_files
 from finitetune.checkpoints import CheckpointHealth, Health, inspect_checkpoint, write_marker
 from finitetune.config import GuardConfig
 from finitetune.errors import ConfigError
-from finitetune.guard import distributed
 from finitetune.guard.bad_batches import BadSampleMemory
 from finitetune.guard.disk_rollback import DiskRollback, load_safetensors_weights
 from finitetune.guard.state_check import check_state
+from finitetune.integrations.guarded import install_construction_hook
+from finitetune.integrations.trainer_seams import check_checkpoint_seams
 from finitetune.resume import prepare_resume, record_event
 
 __all__ = ["CheckpointCallback", "load_checkpoint_weights"]
 
 log = logging.getLogger("finitetune")
 
-SEAMS = {"_save_checkpoint": ["model", "trial"], "_load_from_checkpoint":
-         ["resume_from_checkpoint", "model"]}
-"""Private Trainer methods this module relies on, with the parameters it passes."""
-TESTED = "transformers 5.24"
-
-
-def check_seams(trainer: Any) -> None:
-    """Stop with a ConfigError when a private method this module wraps or calls changed."""
-    for name, params in SEAMS.items():
-        method = getattr(trainer, name, None)
-        found = list(inspect.signature(method).parameters)[:len(params)] if callable(
-            method) else None
-        if found != params:
-            raise ConfigError(
-                f"CheckpointCallback needs Trainer.{name}({', '.join(params)}), found "
-                f"{'nothing' if found is None else found}: this transformers version was not "
-                f"tested (tested: {TESTED}). Pin transformers or remove the callback.")
+install_construction_hook()  # a Trainer given this callback binds it (set_trainer)
 
 
 def load_checkpoint_weights(trainer: Any, path: str | Path) -> None:
@@ -102,20 +87,12 @@ class CheckpointCallback(TrainerCallback):
         self.disk: DiskRollback | None = None
 
     # ---- binding ----------------------------------------------------------------------------
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.trainer is None:
-            from finitetune.integrations.hf import _find_trainer
-
-            trainer = _find_trainer()
-            if trainer is not None:
-                self.bind(trainer)
-
-    def bind(self, trainer: Any) -> CheckpointCallback:
-        """Wrap ``trainer``'s ``train`` (resume) and ``_save_checkpoint`` (done automatically
-        when the callback is passed to the Trainer's constructor)."""
+    def set_trainer(self, trainer: Any) -> CheckpointCallback:
+        """Wrap ``trainer``'s ``train`` (resume) and ``_save_checkpoint`` (done for you when the
+        Trainer is built with this callback or it is added with ``add_callback``)."""
         if self.trainer is trainer:
             return self
-        check_seams(trainer)
+        check_checkpoint_seams(trainer)
         self.trainer = trainer
         train, save = trainer.train, trainer._save_checkpoint
 
@@ -245,13 +222,9 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer is None:
-            from finitetune.integrations.hf import _find_trainer
-
-            trainer = _find_trainer()
-            if trainer is None:
-                raise ConfigError("CheckpointCallback could not find its Trainer; call "
-                                  "callback.bind(trainer) before train()")
-            self.bind(trainer)
+            raise ConfigError("CheckpointCallback is not bound to a Trainer: pass it in "
+                              "Trainer(callbacks=[...]) or trainer.add_callback(...), or call "
+                              "callback.set_trainer(trainer) before train()")
         self.disk = None
         if self.config.needs_snapshots and self.config.rollback_to == "disk":
             if args.save_strategy in ("no", None):

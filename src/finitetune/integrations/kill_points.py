@@ -49,13 +49,16 @@ class KillPoint(TrainerCallback):
 
     def __init__(self, point: str, step: int) -> None:
         self.point, self.step = point, step
+        self.trainer: Any = None
+
+    def set_trainer(self, trainer: Any) -> None:
+        """Bound by the construction hook (:mod:`finitetune.integrations.guarded`)."""
+        self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.point != "save":
             return
-        from finitetune.integrations.hf import _find_trainer
-
-        trainer: Any = _find_trainer()
+        trainer = self.trainer
         write = trainer._save_optimizer_and_scheduler
 
         def half_written(output_dir: str) -> Any:

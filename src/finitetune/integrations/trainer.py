@@ -46,9 +46,9 @@ def build_trainer(
     from transformers import Trainer
 
     from finitetune.data.collate import CausalLMCollator
+    from finitetune.distributed import AllRanksWindow
     from finitetune.guard.attribution import Attributor
-    from finitetune.guard.bad_batches import BadSampleMemory, FaultHook
-    from finitetune.guard.distributed import AllRanksWindow
+    from finitetune.guard.bad_batches import BadSampleMemory, BadSampleRecorder
     from finitetune.integrations import kill_points
     from finitetune.integrations.checkpoint_callback import CheckpointCallback
     from finitetune.integrations.hf import GuardCallback
@@ -66,8 +66,8 @@ def build_trainer(
         memory = BadSampleMemory(out, mode=guard.skip_bad_samples, window=guard.bad_sample_window,
                                  accumulation=args.gradient_accumulation_steps, sources=sources)
         collator = memory.wrap(collator)
-        callbacks = [GuardCallback(guard, output_dir=str(out),
-                                   on_fault=FaultHook(memory, attributor)),
+        callbacks = [GuardCallback(guard, output_dir=str(out), attribution=attribution,
+                                   on_fault=BadSampleRecorder(memory, attributor)),
                      CheckpointCallback(out, config=guard, memory=memory),
                      MetricsCallback(out / run_files.METRICS, tracker=AllRanksWindow(tracker)),
                      *kill_points.from_env()]
