@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
+    from finitetune.integrations.hf import guard_of
+
     trainers, timers, clip_time, n_params = _build(args)
     run_medians: dict[str, list[float]] = {"A": [], "B": []}
     guard_per_step, clip_per_step = [], []
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "A":
                 clip_per_step.append((clip_time["s"] - clip_before) / args.steps)
             else:
-                guard = t._finitetune_guard
+                guard = guard_of(t)
                 guard_per_step.append(guard.work_seconds / args.steps)
     med_a = statistics.median(run_medians["A"])
     med_b = statistics.median(run_medians["B"])

@@ -22,6 +22,10 @@ one printed as it finishes, then one results table (appended to docs/benchmarks.
    ``Trainer`` is run for comparison and what it logged is shown.
 5. **guard overhead on GPU**: guarded vs unguarded ``Trainer`` in the plan's dtype, runs
    interleaved A B A B ..., wall time per step (synchronised at the end of each run), median.
+6. **DeepSpeed ZeRO-2/3 and 7. FSDP2 on NCCL**, one process per GPU there is
+   (``bench/gpu_dist.py``): a NaN on the last rank skipped on every rank, DeepSpeed's
+   ``skipped_steps`` equal to the guard's count, the FSDP2 norm equal to torch's, and with 2+
+   GPUs a rank whose weights drift named by ``rank_mismatch``. ``--phases`` picks phases.
 
 With ``--device cpu`` fp16 is emulated by wrapping the model's forward in CPU fp16 autocast (the
 Trainer ignores ``fp16=True`` on a CPU), so every phase runs, just slowly and without GradScaler.
@@ -52,6 +56,8 @@ SIZES = {  # model and batch per device: ~58M params on a GPU (steps not just ke
 
 
 _OK_CELL = {True: "yes", False: "**NO**", None: ""}
+PHASES = ("plan", "bf16", "fp16", "overhead", "deepspeed", "fsdp2")
+"""Names for ``--phases`` ("fp16" covers the fp16 run and the fp16 overflow phases)."""
 
 
 class Results:
@@ -165,7 +171,9 @@ def _sync(a: argparse.Namespace) -> None:
 
 
 def _guard(trainer: Any) -> Any:
-    return getattr(trainer, "_finitetune_guard", None)
+    from finitetune.integrations.hf import guard_of
+
+    return guard_of(trainer)
 
 
 def _fmt(x: float | None) -> str:
@@ -364,6 +372,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="skip remaining phases after this many seconds (default 420)")
     p.add_argument("--no-append", action="store_true", help="do not write docs/benchmarks.md")
     p.add_argument("--json-out", help="also write the raw results here as JSON")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated phases to run (default all: {','.join(PHASES)})")
     a = p.parse_args(argv)
     if a.dry_run:
         a.device, a.no_append = "cpu", True
@@ -394,12 +404,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         a.workdir = workdir
         dtype = "fp32"
+        from bench import gpu_dist
+
         phases = [("plan", lambda: phase_plan(a, res)),
                   ("bf16 run", lambda: phase_healthy(a, res, "bf16")),
                   ("fp16 run", lambda: phase_healthy(a, res, "fp16")),
                   ("fp16 overflow", lambda: phase_overflow(a, res)),
-                  ("overhead", lambda: phase_overhead(a, res, dtype))]
+                  ("overhead", lambda: phase_overhead(a, res, dtype)),
+                  ("deepspeed", lambda: gpu_dist.phase_deepspeed(a, res)),
+                  ("fsdp2", lambda: gpu_dist.phase_fsdp2(a, res))]
+        wanted = {x.strip() for x in a.phases.split(",")}
         for name, run in phases:
+            if name.split()[0] not in wanted and name not in wanted:
+                continue
             elapsed = time.perf_counter() - start
             if elapsed > a.budget_s:
                 res.add(name, f"skipped: {elapsed:.0f} s spent, budget {a.budget_s:.0f} s", False)

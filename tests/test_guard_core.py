@@ -236,7 +236,7 @@ def test_one_host_sync_per_step_whatever_ga_and_parameter_count(ga, layers):
         if i == 2:
             inject_nonfinite_grad(model, UP, math.nan)
         with count_host_syncs() as c:
-            out = guard.check()
+            out = guard.decide_and_prepare()
         syncs += c.count
         if out.applied:
             guard.optimizer.step()
@@ -274,7 +274,7 @@ def test_case6_empty_micro_batch_adds_zero_not_nan():
     for mb in (0, 2):
         causal_lm_loss(ref(input_ids=ids[mb]).logits, labels[mb], n_window).backward()
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, ref.parameters(), strict=True))
-    out = guard.check()
+    out = guard.decide_and_prepare()
     assert out.applied and out.reason is None and out.empty_micro_batches == 1
     assert out.tokens == int(n_window) and math.isfinite(out.loss)
 
@@ -414,7 +414,7 @@ def test_case11_huge_finite_grads_are_norm_overflow_not_nan():
         else:
             inject_nonfinite_grad(model, UP, math.inf)
         with count_host_syncs() as c:
-            out = guard.check()
+            out = guard.decide_and_prepare()
         results.append((out.reason, c.count))
         if fault == "a":
             assert out.grad_norm == pytest.approx(1e30, rel=1e-6)

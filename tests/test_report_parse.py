@@ -18,7 +18,8 @@ from finitetune import health_report
 from finitetune.cli.main import main
 from finitetune.errors import ReportInputError
 from finitetune.jsonio import append_jsonl, write_json_atomic
-from finitetune.report import console, parse
+from finitetune.report import console, to_markdown
+from finitetune.report import load as parse
 
 LOGS = Path(__file__).parent / "data" / "logs"
 
@@ -58,7 +59,7 @@ def test_noisy_console_capture():
     assert r.metrics["eval_loss"].total == 1 and r.metrics["eval_loss"].last == 2.301
     assert r.summary["train_runtime"] == 12.3 and r.summary["train_loss"] == 2.275
     assert r.trend.direction == "decreasing" and r.trend.evidence == "strong"
-    assert [f.rule for f in r.findings] == ["fp16_skip_pattern"]
+    assert [f.rule for f in r.findings] == ["nonfinite_grad"]  # one NaN norm: not a pattern
     assert r.findings[0].steps == [5]
     assert r.verdict == "warning"
 
@@ -198,9 +199,9 @@ def test_run_directory_reads_every_file(tmp_path):
     # vocab 512 from the run: ln(512) + 2.5 = 8.7, so a first loss of 6.1 is plausible
     # the NaN grad norm at step 3 is on a step the guard skipped: handled, not a warning
     assert r.verdict == "healthy"
-    assert {f.rule: f.severity for f in r.findings} == {"fp16_skip_pattern": "info",
+    assert {f.rule: f.severity for f in r.findings} == {"nonfinite_grad": "info",
                                                         "labels_dropped": "info"}
-    md = r.to_markdown()
+    md = to_markdown(r)
     assert "- counts: empty_response: 1, all_masked: 0" in md
     assert "- previews: 1 entries (see label_report.json)" in md and "x" * 300 not in md
 

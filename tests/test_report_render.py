@@ -13,7 +13,7 @@ import pytest
 from finitetune import health_report
 from finitetune.cli.main import main
 from finitetune.jsonio import append_jsonl, write_json_atomic
-from finitetune.report import write_reports
+from finitetune.report import report_dict, to_json, to_markdown, write_reports
 
 LOGS = Path(__file__).parent / "data" / "logs"
 AFTER, BEFORE = str(LOGS / "seed_after.log"), str(LOGS / "seed_before.log")
@@ -134,6 +134,6 @@ def test_write_reports_on_an_empty_run_directory(tmp_path):
 def test_report_object_api():
     r = health_report(BEFORE, compare=AFTER)
     assert r.exit_code() == 1 and r.before is not None and r.before.exit_code() == 0
-    assert r.to_dict()["before"]["verdict"] == "healthy"
-    assert _strict_json(r.to_json())["metrics"]["loss"]["zero"] == 3
-    assert r.to_markdown().startswith("# Training health report")
+    assert report_dict(r)["before"]["verdict"] == "healthy"
+    assert _strict_json(to_json(r))["metrics"]["loss"]["zero"] == 3
+    assert to_markdown(r).startswith("# Training health report")

@@ -15,7 +15,7 @@ import pytest
 from finitetune import health_report
 from finitetune.cli.main import main
 from finitetune.jsonio import append_jsonl, write_json_atomic
-from finitetune.report.health import theil_sen
+from finitetune.report.stats import theil_sen
 
 NAN = float("nan")
 
@@ -69,7 +69,8 @@ def test_hidden_nan_loss_that_lasts_to_the_end_is_unhealthy(tmp_path):
 
 
 @pytest.mark.parametrize(("losses", "severity", "code"), [
-    ([*DOWN[:9], NAN], "critical", 1),  # ends NaN (logging_nan_inf_filter off)
+    ([*DOWN[:7], NAN, NAN, NAN], "critical", 1),  # ends NaN (logging_nan_inf_filter off)
+    ([*DOWN[:9], NAN], "warning", 0),  # one NaN on the last line: not (yet) persistent
     ([*DOWN[:3], NAN, *DOWN[4:]], "warning", 0),
 ])
 def test_visible_nan_loss(tmp_path, losses, severity, code):

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from finitetune.cli.main import main
@@ -169,11 +168,20 @@ def test_bad_paths_and_settings_exit_2(tmp_path, tiny_model_dir, capsys, case):
 
 
 def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, tiny_model_dir, capsys):
+    """A run directory finitetune made (it carries the owner marker) is kept unless --resume
+    or --overwrite; a look-alike without the marker is not finitetune's to touch at all."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("model: tiny\n")
-    assert main(["train", "--model", "tiny", "--output-dir", str(out), "--max-steps", "1"]) == 2
-    assert "--resume" in capsys.readouterr().err
+    args = ["train", "--model", "tiny", "--output-dir", str(out), "--max-steps", "1"]
+    assert main(args) == 2
+    assert "was not created by finitetune train" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 2
+    assert "never writes into or deletes a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    (out / ".finitetune-run.json").write_text('{"created_by": "finitetune train"}\n')
+    assert main(args) == 2
+    assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
 
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):
@@ -220,10 +228,15 @@ def test_guarded_main_job_halts_on_a_poisoned_model_and_keeps_every_file(
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all(m["loss"] is None and m["loss_nonfinite"] == "nan" for m in metrics)
     assert metrics[-1]["guard/skipped"] == 6
-    # the skipped steps changed nothing: the saved model equals the poisoned input bit for bit
-    final = load_file(out / "final" / "model.safetensors")
-    for key, value in weights.items():
-        assert torch.equal(final[key], value), key
+    # a halted run hands on no model: no final/, and no checkpoint of the poisoned state
+    assert not (out / "final").exists()
+    assert not list(out.glob("checkpoint-*"))
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "halted" and status["step"] == 6
+    assert "training halted at step 6" in status["error"]
+    # the weights, not the data, were at fault: no sample is blamed for it
+    bad = [json.loads(line) for line in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert bad and all(b["cause"] == "nonfinite_state" for b in bad)
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "unhealthy"
     assert (out / "eval.json").is_file() and (out / "report.md").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,19 +92,51 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Atomically replace ``path`` with ``text``."""
+    """Atomically replace ``path`` with ``text``.
+
+    Only a regular file (or nothing) is replaced: the rename would go through anything, so a
+    device, a FIFO, a directory or a symbolic link at ``path`` raises
+    :class:`~finitetune.errors.OutputError` and stays as it was.
+    """
     path = Path(path)
+    _refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        _refuse_special(path)  # again, just before the rename: it may have appeared meanwhile
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """What is at ``path`` without following a symlink: ``"regular file"``, ``"directory"``,
+    ``"symbolic link"``, ``"FIFO (named pipe)"``, ``"character device"``, ``"block device"``,
+    ``"socket"``; None when nothing is there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _refuse_special(path: Path) -> None:
+    kind = file_kind(path)
+    if kind not in (None, "regular file"):
+        from finitetune.errors import OutputError
+
+        raise OutputError(f"{path} is a {kind}, not a regular file: refusing to replace it")
 
 
 def _umask() -> int:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from finitetune.config import PRECISION_ALIASES as _ALIASES
 from finitetune.errors import ConfigError
 from finitetune.precision_probe import (  # re-exported: the public names of the policy's inputs
     FP16_MAX,
@@ -56,8 +57,6 @@ __all__ = ["FP16_MAX", "FP16_OVERFLOW_FAMILIES", "DeviceInfo", "PrecisionPlan", 
 
 log = logging.getLogger("finitetune.precision")
 
-_ALIASES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
-            "float16": "fp16", "half": "fp16", "fp32": "fp32", "float32": "fp32", "no": "fp32"}
 _FP32_ONLY = ["all"]
 _MIXED_FP32 = ["master_weights", "optimizer_state", "norms", "logits/loss", "lora_adapters"]
 

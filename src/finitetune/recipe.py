@@ -1,10 +1,12 @@
 """The main job: data -> model -> Trainer (+ guard) -> evaluation -> run directory.
 
-Everything that can fail because of the user's input (data file, model directory, config) is
-checked *before* the run directory is touched, so a bad input leaves nothing half-written.
-Once training starts, every file is written as it happens (metrics/events line by line,
-checkpoints by the Trainer, JSON atomically), and ``finally`` writes the evaluation and report
-even when training stops early.
+Everything that can fail because of the user's input (settings, output directory, data file,
+model directory, LoRA targets, what transformers accepts) is checked *before* the run
+directory is touched, so a bad input leaves nothing behind. Once training starts, every file is
+written as it happens (metrics/events line by line, checkpoints by the Trainer, JSON
+atomically), and ``finally`` records how the run ended in ``status.json`` (completed, halted,
+failed, with the step and error) and writes the evaluation and report, also when training
+stops early. ``final/`` is written only from a model that trained.
 
 Launched as several processes (``torchrun --nproc_per_node N``, ``accelerate launch
 --num_processes N``), every rank trains and only rank 0 writes: it makes the run directory
@@ -16,6 +18,7 @@ that rank 0 writes once. The process group is torn down at the end so every rank
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -29,15 +32,15 @@ from typing import Any
 
 from finitetune import run_files
 from finitetune.config import TrainConfig
-from finitetune.errors import ConfigError
+from finitetune.errors import ConfigError, NonFiniteHalt, SettingError
 from finitetune.jsonio import write_json_atomic
 from finitetune.numerics import IGNORE_INDEX
 from finitetune.run_writer import (
+    check_output_dir,
+    default_output_dir,
     make_run_dir,
+    record_outcome,
     save_final,
-    trim_after_checkpoint,
-    write_eval,
-    write_reports,
 )
 
 log = logging.getLogger("finitetune")
@@ -114,6 +117,7 @@ def training_arguments(cfg: TrainConfig, out: Path, steps: int, plan: Any = None
         disable_tqdm=True,
         use_cpu=not _cuda_available(),
         average_tokens_across_devices=True,
+        deepspeed=cfg.deepspeed or None,
         **(plan.training_arguments() if plan is not None else {}),
     )
 
@@ -132,7 +136,7 @@ def _cuda_available() -> bool:
 def planned_steps(cfg: TrainConfig, n_train: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                 * distributed.world_size())  # each rank reads its own share of an epoch
@@ -148,7 +152,7 @@ def run_training(cfg: TrainConfig) -> RunResult:
     Under a multi-process launcher this joins the process group first and destroys it at the
     end (also after an error), so ``torchrun`` sees every rank exit.
     """
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     joined = _init_distributed()
     try:
@@ -167,7 +171,7 @@ def _init_distributed() -> bool:
     """
     import torch
 
-    from finitetune.guard import distributed
+    from finitetune import distributed
 
     if not distributed.launched_distributed() or torch.distributed.is_initialized():
         return False
@@ -178,90 +182,134 @@ def _init_distributed() -> bool:
 
 
 def _run_training(cfg: TrainConfig) -> RunResult:
+    from finitetune import distributed
     from finitetune.data.pipeline import describe, load_data_records, prepare_rows, tokenize_with
-    from finitetune.guard import distributed
+    from finitetune.integrations.hidden_loss import choose_loss
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision import choose_precision
 
     # 1. everything that can be wrong with the input, before writing anything
+    cfg = dataclasses.replace(cfg, output_dir=str(default_output_dir(cfg)))
+    if not distributed.is_distributed():  # else rank 0 checks it in make_run_dir, and says so
+        check_output_dir(cfg)
     records = load_data_records(cfg.data, cfg.model, cfg.seed)
     train_recs, eval_recs = split_records(records, cfg.data.eval_size, cfg.seed)
+    if cfg.deepspeed:  # a missing or unusable DeepSpeed config fails before anything is written
+        from finitetune.integrations.deepspeed import load_config
+
+        load_config(cfg.deepspeed, cuda=_cuda_available())
     # a precision the hardware cannot honour fails here, before the model loads
     choose_precision(None, device=_train_device(), requested=cfg.precision)
     with distributed.main_process_first():  # rank 0 fills the model cache, then the others
         model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code,
+                               remote_code_flag=_REMOTE_CODE_FLAG)
     rows, label_report, label_summary = prepare_rows(train_recs, tokenizer, cfg.data)
     if distributed.is_main_process():
         print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
                  if any(t != IGNORE_INDEX for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]
-    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code,
+                       remote_code_flag=_REMOTE_CODE_FLAG)
+    # LoRA targets the model lacks stop here. The baseline evaluation runs on the wrapped
+    # model: a fresh adapter's B matrix is zero, so its outputs are the base model's exactly.
+    model = apply_lora(model, cfg)
+    # the device the Trainer will use: use_cpu=True unless CUDA (MPS is never picked here)
+    plan = choose_precision(model, device=_train_device(), requested=cfg.precision)
+    args = _checked_training_arguments(cfg, planned_steps(cfg, len(rows)), plan)
+    # fp32, token-mean over the window, 0 (not NaN) when empty; the LM head only where a label
+    # is, where the model is understood (`--loss supervised` on one that is not stops here)
+    loss, loss_line = choose_loss(model, cfg.loss, args=args)
+    _check_resumable(cfg)
 
     # 2. the run directory
     out = make_run_dir(cfg, label_report, label_summary, tokenizer)
+    main = distributed.is_main_process()
+    if main:
+        print(f"finitetune: precision: {plan}", flush=True)
+        print(f"finitetune: loss: {loss_line}", flush=True)
+        write_json_atomic(out / run_files.PRECISION, plan.to_dict())
     result = RunResult(output_dir=out)
     eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
                        max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
                        template=cfg.data.template)
-    try:
-        result = _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
-                                     eval_kwargs, result)
-    finally:
-        if distributed.is_main_process():
-            write_eval(out, result)
-            write_reports(out)
+    with record_outcome(out, result, write=main):  # status, eval and reports, also on failure
+        _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
+                            eval_kwargs, result, args, loss)
     return result
 
 
-def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
-                        result: RunResult) -> RunResult:
-    from transformers.trainer_utils import get_last_checkpoint
+_REMOTE_CODE_FLAG = "--trust-remote-code"
+"""How a user of ``finitetune train`` allows a model's own code (named in the error)."""
 
+
+def _checked_training_arguments(cfg: TrainConfig, steps: int, plan: Any) -> Any:
+    """``TrainingArguments`` built before the run directory exists, so a setting transformers
+    refuses (an unknown scheduler name, ...) stops before anything is written."""
+    from transformers.trainer_utils import SchedulerType
+
+    if cfg.lr_scheduler_type not in {s.value for s in SchedulerType}:
+        raise SettingError("lr_scheduler_type", cfg.lr_scheduler_type,
+                           "one of: " + ", ".join(s.value for s in SchedulerType))
+    try:
+        return training_arguments(cfg, Path(cfg.output_dir or "."), steps, plan)
+    except ValueError as exc:
+        raise ConfigError(f"transformers refuses these settings: {exc}") from None
+
+
+def _check_resumable(cfg: TrainConfig) -> None:
+    """With ``--resume``, before anything is written: a healthy checkpoint exists, or the run
+    was killed before its first one (its status still says running: it starts again from step
+    0). A run that ended without a usable checkpoint is an error that changes nothing."""
+    if not cfg.resume:
+        return
+    from finitetune.checkpoints import select_checkpoint
+
+    out = Path(str(cfg.output_dir))
+    chosen, rejected = select_checkpoint(out)  # reads only; resume.prepare_resume acts later
+    if chosen is not None or run_files.read_status(out) == run_files.RunState.RUNNING:
+        return
+    why = "; ".join(h.describe() for h in rejected)
+    raise ConfigError(f"--resume: no checkpoint-* folder in {out}" if not why else
+                      f"--resume: no healthy checkpoint in {out} ({why}); --overwrite starts "
+                      "the run again")
+
+
+def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
+                        result: RunResult, args: Any, loss: Any = None) -> RunResult:
+    from finitetune import distributed
     from finitetune.evaluation import eval_loss, exact_match
-    from finitetune.guard import distributed
-    from finitetune.integrations.hidden_loss import choose_loss
+    from finitetune.integrations.checkpoint_callback import load_checkpoint_weights
     from finitetune.integrations.trainer import build_trainer
-    from finitetune.precision import choose_precision
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
-    resume_from = None
-    if cfg.resume:
-        resume_from = get_last_checkpoint(str(out))
-        if resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
-        if main:
-            trim_after_checkpoint(out, resume_from)
-    elif cfg.eval_before and main:
+    resume = _resume_plan(out, main) if cfg.resume else None
+    resume_from = resume.path if resume is not None else None
+    if resume_from is None and cfg.eval_before and main and not (out / run_files.EVAL).exists():
         # the other ranks wait in the Trainer's first collective meanwhile
         result.eval_before = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
         result.eval_before["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
         _print_eval("before", result.eval_before)
 
-    model = apply_lora(model, cfg)
-    # the device the Trainer will use: use_cpu=True unless CUDA (MPS is never picked here)
-    plan = choose_precision(model, device=_train_device(), requested=cfg.precision)
-    if main:
-        print(f"finitetune: precision: {plan}", flush=True)
-        write_json_atomic(out / run_files.PRECISION, plan.to_dict())
-    steps = planned_steps(cfg, len(rows))
-    # fp32, token-mean over the window; 0 tokens -> 0, not NaN; the head only where supervised
-    loss, loss_line = choose_loss(model, cfg.loss)
-    if main:
-        print(f"finitetune: loss: {loss_line}", flush=True)
     trainer, _loss = build_trainer(
-        model, training_arguments(cfg, out, steps, plan), rows,
+        model, args, rows,
         pad_token_id=tokenizer.pad_token_id, guard=cfg.guard, attribution=cfg.attribution,
         sources={r["index"]: r["source"] for r in rows if r.get("source")}, loss=loss)
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        if resume is not None and resume.checkpoint is not None and (
+                resume.step >= trainer.state.max_steps > 0 or resume.step >= args.max_steps > 0):
+            # killed after its last checkpoint: train nothing more (not one step past the end)
+            load_checkpoint_weights(trainer, resume.checkpoint.path)
+            trainer.state.global_step = resume.step
+        else:
+            trainer.train(resume_from_checkpoint=resume_from)
     finally:
         result.train_seconds = round(time.perf_counter() - start, 2)
         result.global_step = trainer.state.global_step
-        if main:
-            save_final(trainer, tokenizer, out)
+    if main:  # only after training finished: a halted or failed run leaves no final/
+        _save_final_if_finite(trainer, tokenizer, out)
     if not main:
         return result  # evaluation (generation) runs on rank 0 only
     print(f"finitetune: trained {result.global_step} steps in {result.train_seconds:.1f} s",
@@ -270,6 +318,33 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     result.eval_after["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
     _print_eval("after", result.eval_after)
     return result
+
+
+def _resume_plan(out: Path, main: bool) -> Any:
+    """``--resume``: rank 0 picks the newest healthy checkpoint (sets aside the others, repairs
+    and trims the logs); every rank gets its choice (COLLECTIVE when distributed)."""
+    from finitetune import distributed
+    from finitetune.checkpoints import inspect_checkpoint
+    from finitetune.resume import ResumePlan, prepare_resume
+
+    plan = prepare_resume(out) if main else ResumePlan(None)  # logs what it chose and why
+    path = distributed.broadcast_object(plan.path)  # the others wait for rank 0's renames
+    if not main and path is not None:
+        plan.checkpoint = inspect_checkpoint(path, scan=False)
+    return plan
+
+
+def _save_final_if_finite(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """``final/`` only from a finite model (a NaN model is never handed on as the result)."""
+    from finitetune.guard.state_check import check_state
+
+    check = check_state(trainer.model, collective=False)  # rank 0 only; replicated weights
+    if not check.finite:
+        raise NonFiniteHalt(f"training ended with NaN/inf in {', '.join(check.nonfinite[:3])}: "
+                            "final/ was NOT written; resume from the last healthy checkpoint "
+                            "(`finitetune train --resume`) with a lower learning rate",
+                            {"nonfinite_weights": check.nonfinite[:20]})
+    save_final(trainer, tokenizer, out)
 
 
 def _print_eval(when: str, ev: dict) -> None:

@@ -56,6 +56,24 @@ TRAINER_STATE = "trainer_state.json"
 """The Trainer's own state file (top level or inside a checkpoint)."""
 REPORT_MD, REPORT_JSON, REPORT_HTML = "report.md", "report.json", "report.html"
 """The health report in its three forms."""
+BAD_SAMPLES = "bad_samples.jsonl"
+"""One line per optimizer step skipped or rolled back for a fault: its sample ids (and source
+lines). Never trimmed on resume: a resumed or restarted run skips these samples."""
+CHECKPOINT_MARKER = "finitetune_checkpoint.json"
+"""Inside a ``checkpoint-<step>`` folder: written last, after finitetune checked the saved state
+finite; records the file sizes, so a later truncation is noticed without reading the tensors."""
+PARTIAL_PREFIX = "partial-"
+"""``partial-checkpoint-<step>``: a checkpoint a crash left half-written, set aside on resume
+(renamed, not deleted; the Trainer's rotation and resume no longer see it)."""
+NONFINITE_PREFIX = "nonfinite-"
+"""``nonfinite-checkpoint-<step>``: a checkpoint holding NaN/inf, set aside on resume."""
+
+OWNER_MARKER = ".finitetune-run.json"
+"""Written first into every directory finitetune creates (run directory, ``verify`` output):
+who created it and when. Only a directory carrying it may be replaced (``--overwrite``) or
+resumed (``--resume``); a folder without it is never written into or deleted."""
+STATUS = "status.json"
+"""The run's state (:class:`RunState`), its last step and, when it failed, the error."""
 
 RUN_MARKERS = (METRICS, EVENTS, EVAL, LABEL_REPORT, CONFIG)
 """Files any one of which makes a folder a finitetune run directory (for readers)."""
@@ -83,6 +101,27 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
+class RunState(str, Enum):
+    """``state`` in :data:`STATUS`."""
+
+    RUNNING = "running"
+    """Training started and has not ended (or the process was killed)."""
+    COMPLETED = "completed"
+    """Training and the final evaluation finished."""
+    HALTED = "halted"
+    """The guard stopped training (``NonFiniteHalt``); the error says why."""
+    FAILED = "failed"
+    """An error stopped the run after it started; the error names it."""
+
+
+def read_status(run_dir: str | os.PathLike) -> RunState | None:
+    """The ``state`` of ``run_dir``'s :data:`STATUS` (None: no file, or unreadable)."""
+    try:
+        return RunState(json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))["state"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # ------------------------------------------------------------------------- JSON lines --
 class Tolerance(str, Enum):
     """How :func:`read_jsonl` treats a line that is not a JSON object."""
@@ -105,6 +144,8 @@ class JsonLines:
     """One sentence per line that was skipped (and, with ``REPAIR``, removed)."""
     lines: int = 0
     """Lines in the file, blank ones included."""
+    line_numbers: list[int] = field(default_factory=list)
+    """The 1-based line of each record, so a caller can name the line of a bad field."""
 
 
 def read_jsonl(path: str | os.PathLike, tolerance: Tolerance | str = Tolerance.STRICT, *,
@@ -140,6 +181,7 @@ def read_jsonl(path: str | os.PathLike, tolerance: Tolerance | str = Tolerance.S
             record = None
         if isinstance(record, dict):
             out.records.append(decode_nonfinite(record) if decode else record)
+            out.line_numbers.append(lineno)
             kept.append(line)
             continue
         torn = lineno == last
@@ -167,6 +209,7 @@ def trim_jsonl(path: str | os.PathLike, last_step: int) -> JsonLines:
         from finitetune.jsonio import dumps_strict
 
         write_text_atomic(path, "".join(dumps_strict(r) + "\n" for r in keep))
+        read.line_numbers = list(range(1, len(keep) + 1))
     read.records = keep
     return read
 

@@ -1,43 +1,90 @@
 """The run directory: made once, written as things happen, complete even after a failure.
 
 Rank 0 alone writes here. What goes in it is listed in the README ("The run directory"):
-``config.yaml`` and ``label_report.json`` before training, ``metrics.jsonl``/``events.jsonl``
-line by line during it, ``final/``, ``eval.json`` and the three reports at the end (also
-when training stopped early).
+the owner marker first (only a directory carrying it is ever replaced or resumed; see
+:mod:`finitetune.output_paths`), ``status.json``, ``config.yaml`` and ``label_report.json``
+before training, ``metrics.jsonl``/``events.jsonl`` line by line during it, ``final/`` (only
+from a model that trained), ``eval.json``, the final ``status.json`` and the three reports at
+the end (also when training stopped early).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finitetune import run_files
+from finitetune import output_paths, run_files
 from finitetune.config import TrainConfig
-from finitetune.errors import ConfigError
+from finitetune.errors import ConfigError, NonFiniteHalt
 from finitetune.jsonio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("finitetune")
 
 
+def default_output_dir(cfg: TrainConfig) -> Path:
+    """``cfg.output_dir``, or ``runs/<model>-<timestamp>`` when it is not set."""
+    return Path(cfg.output_dir or f"runs/{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Raise :class:`~finitetune.errors.OutputError` unless ``cfg.output_dir`` may be used:
+    new, empty, or a run directory finitetune created (replaced only with ``--overwrite``,
+    continued only with ``--resume``). Reads only: run it before anything is written."""
+    output_paths.check_output_dir(default_output_dir(cfg), "--output-dir", resume=cfg.resume,
+                                  replace=cfg.overwrite, busy_hint=_BUSY)
+
+
+_BUSY = "pass --resume to continue it or --overwrite to replace it"
+
+
 def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Create the run directory; never silently mix a new run into an old one."""
-    out = Path(cfg.output_dir or f"runs/{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        if not cfg.overwrite:
-            raise ConfigError(f"{out} is not empty; pass --resume to continue that run or "
-                              "--overwrite to replace it")
-        if not (out / run_files.CONFIG).exists():
-            raise ConfigError(f"refusing to --overwrite {out}: it is not a finitetune run "
-                              "directory (no config.yaml); choose another --output-dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """Create the run directory (with its owner marker); never silently mix a new run into an
+    old one, never write into or delete a folder finitetune did not create."""
+    return output_paths.prepare_output_dir(default_output_dir(cfg), "--output-dir",
+                                           "finitetune train", resume=cfg.resume,
+                                           replace=cfg.overwrite, busy_hint=_BUSY)
+
+
+@contextlib.contextmanager
+def record_outcome(out: Path, result: Any, write: bool = True) -> Iterator[None]:
+    """Around training: afterwards (also after an exception, which is re-raised) write
+    ``eval.json``, ``status.json`` (completed / halted / failed, the step, the error) and the
+    reports, so a run that stopped says so. ``write``: False on ranks other than 0."""
+    state, error = run_files.RunState.FAILED, None
+    try:
+        yield
+        state = run_files.RunState.COMPLETED
+    except NonFiniteHalt as exc:
+        state, error = run_files.RunState.HALTED, str(exc)
+        raise
+    except BaseException as exc:  # recorded, then re-raised: the status must say it failed
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise
+    finally:
+        if write:
+            write_eval(out, result)
+            write_status(out, state, result.global_step, error)
+            write_reports(out)
+
+
+def write_status(out: Path, state: run_files.RunState, step: int = 0,
+                 error: str | None = None) -> None:
+    """``status.json``: running / completed / halted / failed, the last step, the error."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started = now
+    if state != run_files.RunState.RUNNING and (out / run_files.STATUS).is_file():
+        with contextlib.suppress(ValueError, AttributeError):  # a broken file: start anew
+            started = json.loads((out / run_files.STATUS).read_text()).get("started", now)
+    write_json_atomic(out / run_files.STATUS, {"state": state.value, "step": step,
+                                                "error": error, "started": started,
+                                                "updated": now})
 
 
 def trim_after_checkpoint(out: Path, checkpoint: str | Path) -> None:
@@ -60,13 +107,14 @@ def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
     other ranks from using the directory before it exists. An error on rank 0 travels in it,
     so every rank raises the same error instead of waiting forever.
     """
+    from finitetune import distributed
     from finitetune.errors import FinitetuneError
-    from finitetune.guard import distributed
 
     found: tuple[str | None, str | None] = (None, None)
     if distributed.is_main_process():
         try:
             out = prepare_output_dir(cfg)
+            write_status(out, run_files.RunState.RUNNING)
             write_text_atomic(out / run_files.CONFIG,
                               yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             write_json_atomic(out / run_files.LABEL_REPORT, {**label_report.to_dict(),

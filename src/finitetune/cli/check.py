@@ -31,28 +31,50 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--max-bad", type=float, default=0.0,
                    help="percent of unusable examples tolerated before exit 1 (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the tokenizer's own Python code (as train --trust-remote-code)")
     for field in ("prompt", "response", "messages", "text"):
         p.add_argument(f"--{field}-field", default=field, help=f"{field} column")
     return p
 
 
+# DataConfig setting -> (flag, argparse dest): errors name the flag the user typed
+_FLAGS = {"path": ("--data", "data"), "prompt_field": ("--prompt-field", "prompt_field"),
+          "response_field": ("--response-field", "response_field"),
+          "messages_field": ("--messages-field", "messages_field"),
+          "text_field": ("--text-field", "text_field"),
+          "response_marker": ("--response-marker", "response_marker"),
+          "max_length": ("--max-length", "max_length"), "template": ("--template", "template"),
+          "truncation": ("--truncation", "truncation"),
+          "min_response_tokens": ("--min-supervised", "min_supervised")}
+
+
+def data_config(args: argparse.Namespace) -> Any:
+    """The :class:`DataConfig` of the flags, checked by the same rules as ``train``'s."""
+    from finitetune.config import DataConfig
+    from finitetune.errors import SettingError
+
+    try:
+        return DataConfig(**{name: getattr(args, dest) for name, (_f, dest) in _FLAGS.items()})
+    except SettingError as exc:
+        raise exc.located(f"flag {_FLAGS[exc.setting][0]}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from finitetune.cli.main import set_offline_if_local
-    from finitetune.config import DataConfig
 
     set_offline_if_local(args.model or args.tokenizer, args.data)
-    if args.max_bad < 0 or args.max_bad > 100:
-        raise ConfigError("--max-bad is a percentage between 0 and 100")
-    data = DataConfig(path=args.data, prompt_field=args.prompt_field,
-                      response_field=args.response_field, messages_field=args.messages_field,
-                      text_field=args.text_field, response_marker=args.response_marker,
-                      max_length=args.max_length, template=args.template,
-                      truncation=args.truncation, min_response_tokens=args.min_supervised)
+    if not 0 <= args.max_bad <= 100:  # NaN fails this too
+        raise ConfigError(f"--max-bad {args.max_bad}: expected a percentage in [0, 100]")
+    data = data_config(args)
     from finitetune.data.pipeline import load_data_records, tokenize_with, validate_rows
-    from finitetune.models import load_tokenizer, resolve_model
+    from finitetune.models import load_tokenizer, resolve_model, resolve_tokenizer
 
     records = load_data_records(data)
-    tokenizer = load_tokenizer(resolve_model(args.model) if args.model else args.tokenizer)
+    source = (resolve_model(args.model, tokenizer_flag="--tokenizer") if args.model
+              else resolve_tokenizer(args.tokenizer))
+    tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code,
+                               remote_code_flag="--trust-remote-code")
     report = validate_rows(tokenize_with(records, tokenizer, data), tokenizer, data)
     bad_pct = 100.0 * (report.total - report.usable) / report.total
     if args.json:
@@ -62,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if bad_pct > args.max_bad else 0
 
 
-def format_report(report, path: str) -> str:
+def format_report(report, path: str | None) -> str:
     from finitetune.data.labels import CAUSES, ERRORS, FIXES, REASONS
 
     lines = [f"{path}: {report.total} examples, {report.usable} usable, "

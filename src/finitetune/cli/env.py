@@ -29,6 +29,8 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cuda:N, cpu or mps (default: what training would use)")
     p.add_argument("--model", help="also plan for this model: demo, tiny or a local directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow --model's own Python code (as train --trust-remote-code)")
     return p
 
 
@@ -44,8 +46,8 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def collect(precision: str = "auto", device: str | None = None, model: str | None = None
-            ) -> dict[str, Any]:
+def collect(precision: str = "auto", device: str | None = None, model: str | None = None,
+            trust_remote_code: bool = False) -> dict[str, Any]:
     """Everything ``finitetune env`` prints, as a dict. Precision errors are kept, not raised."""
     import torch
 
@@ -80,7 +82,7 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     }
     loaded = None
     if model is not None:
-        loaded = _load_model(model)
+        loaded = _load_model(model, trust_remote_code)
     try:
         plan = choose_precision(loaded, device=device or info.type, requested=precision)
         report["precision_plan"] = plan.to_dict()
@@ -91,13 +93,14 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     return report
 
 
-def _load_model(name: str) -> Any:
+def _load_model(name: str, trust_remote_code: bool = False) -> Any:
     from finitetune.cli.main import set_offline_if_local
 
     set_offline_if_local(name)
     from finitetune.models import load_model, resolve_model
 
-    return load_model(resolve_model(name))
+    return load_model(resolve_model(name), trust_remote_code=trust_remote_code,
+                      remote_code_flag="--trust-remote-code")
 
 
 def render(report: dict[str, Any]) -> str:
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        report = collect(args.precision, args.device, args.model)
+        report = collect(args.precision, args.device, args.model, args.trust_remote_code)
     finally:
         logger.setLevel(level)
     if args.json:

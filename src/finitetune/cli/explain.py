@@ -20,6 +20,7 @@ from typing import Any
 
 from finitetune import run_files
 from finitetune.errors import ReportInputError
+from finitetune.jsonio import file_kind
 
 _SHOW = 5
 
@@ -45,7 +46,8 @@ def load_events(path: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     elif path.is_dir():
         run_dir, events_file = path, path / run_files.EVENTS
     elif path.exists():
-        raise ReportInputError(f"{path} is a file, not a run directory; give the --output-dir "
+        kind = "file" if path.is_file() else file_kind(path.resolve())
+        raise ReportInputError(f"{path} is a {kind}, not a run directory; give the --output-dir "
                                f"of `finitetune train` or its {run_files.EVENTS}")
     else:
         raise ReportInputError(f"{path} does not exist; give a finitetune run directory "
@@ -53,7 +55,56 @@ def load_events(path: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     if not events_file.is_file() and not run_files.is_run_dir(run_dir):
         raise ReportInputError(f"{run_dir} has no {run_files.EVENTS} and is not a finitetune "
                                f"run directory (no {run_files.METRICS} or {run_files.CONFIG})")
-    return run_dir, run_files.read_jsonl(events_file, run_files.Tolerance.STRICT).records
+    read = run_files.read_jsonl(events_file, run_files.Tolerance.STRICT)
+    for event, line in zip(read.records, read.line_numbers, strict=True):
+        check_event(event, f"{events_file}:{line}")
+    return run_dir, read.records
+
+
+_STR, _INT, _NUM = (str,), (int,), (int, float)
+_EVENT_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "step": (_INT, "an integer"), "action": (_STR, "a string"), "kind": (_STR, "a string"),
+    "reason": (_STR, "a string"), "grad_norm": (_NUM, "a number"), "loss": (_NUM, "a number"),
+    "first_nonfinite_module": (_STR, "a string"),
+    "first_fp16_overflow_module": (_STR, "a string"),
+    "nonfinite_params": ((list,), "a list of parameter names"),
+    "nonfinite_param_count": (_INT, "an integer"),
+    "nonfinite_weights": ((list,), "a list of parameter names"),
+    "top_grad_modules": ((list,), "a list of objects"), "verdict": (_STR, "a string"),
+    "suggestion": (_STR, "a string"), "attribution": ((dict,), "an object"),
+    "sample_ids": ((list,), "a list"), "sources": ((list,), "a list"),
+    "bad_samples": ((list,), "a list of objects"), "batch_file": (_STR, "a string"),
+    "attribution_error": (_STR, "a string"),
+}
+"""The fields ``explain`` shows, with the JSON type each must have (null: absent)."""
+_ITEMS = {"nonfinite_params": (str,), "nonfinite_weights": (str,), "top_grad_modules": (dict,),
+          "bad_samples": (dict,), "sample_ids": (int, str, type(None)),
+          "sources": (str, type(None))}
+"""The type of each element of the list fields."""
+
+
+def check_event(event: dict[str, Any], where: str) -> None:
+    """Raise :class:`ReportInputError` naming ``where`` (file:line) and the field whose type is
+    wrong, or saying the line is not a guard event at all."""
+    if not isinstance(event.get("step"), int) or isinstance(event.get("step"), bool) or not (
+            isinstance(event.get("action"), str) or isinstance(event.get("kind"), str)):
+        raise ReportInputError(f"{where}: not a guard event (an event has an integer 'step' and "
+                               f"an 'action'); is this the run's {run_files.EVENTS}?")
+    for key, (types, what) in _EVENT_FIELDS.items():
+        value = event.get(key)
+        if value is None:
+            continue
+        bad = not isinstance(value, types) or isinstance(value, bool)
+        items = _ITEMS.get(key)
+        if not bad and items is not None:
+            bad = any(not isinstance(v, items) or isinstance(v, bool) for v in value)
+        if not bad and key == "attribution":
+            replays = value.get("replays") or []
+            if not isinstance(replays, list) or any(not isinstance(r, dict) for r in replays):
+                bad, what = True, "an object whose 'replays' is a list of objects"
+        if bad:
+            raise ReportInputError(f"{where}: field {key!r} is {json.dumps(value)[:80]}, "
+                                   f"expected {what}; was the file edited?")
 
 
 def _num(event: dict[str, Any], key: str) -> str:
@@ -85,6 +136,8 @@ def _samples(event: dict[str, Any]) -> list[str]:
 
 def format_event(event: dict[str, Any], run_dir: Path) -> str:
     """The readable block of one event."""
+    if event.get("kind") in ("checkpoint", "resume"):  # saves refused, resumes, rollbacks
+        return f"{event.get('message') or event.get('action')}"
     head = (f"step {event.get('step', '?')}: {event.get('action', event.get('kind', 'event'))}"
             f" ({event.get('reason') or 'no reason'})  grad_norm {_num(event, 'grad_norm')}  "
             f"loss {_num(event, 'loss')}")
@@ -139,6 +192,13 @@ def explain(path: str | Path) -> str:
             str(e.get("action") or e.get("kind")), 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in kinds.items())
     blocks = [format_event(e, run_dir) for e in events]
+    bad = run_files.read_jsonl(run_dir / run_files.BAD_SAMPLES, run_files.Tolerance.TOLERANT)
+    if bad.records:
+        from finitetune.report.history import bad_sample_line
+
+        blocks.append("remembered bad samples (bad_samples.jsonl; left out of later batches "
+                      "as guard.skip_bad_samples says):\n" + "\n".join(
+            f"  {bad_sample_line(e)}" for e in bad.records))
     return f"{run_dir}: {len(events)} guard events ({summary})\n\n" + "\n\n".join(blocks) + "\n"
 
 

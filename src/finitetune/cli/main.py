@@ -4,7 +4,8 @@ Each verb module exposes ``add_parser(subparsers)`` and ``run(args) -> int``. Ve
 only when chosen, so ``finitetune report`` never pays for importing torch.
 
 Exit codes: 0 success / healthy, 1 problems found (unhealthy run, bad labels over the limit,
-halted training), 2 unusable input (missing file, bad format, bad config).
+halted training), 2 unusable input (missing file, bad format, bad config); ``finitetune run``
+returns its program's exit code, or 3 when the guard halted the program's training.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ VERBS: dict[str, str] = {
     "train": "fine-tune a causal LM with label validation, safe loss and the gradient guard",
     "check": "validate the labels of a data file before training",
     "report": "health report of a run directory, trainer_state.json or pasted logs",
+    "watch": "follow a run while it grows: live counts, plots, verdict; exit on unhealthy",
     "explain": "timeline of guard events of a run, with their attribution",
     "verify": "prove the fixes: failure scenarios unguarded vs guarded",
     "env": "versions, device and precision plan, ready for a bug report",
+    "run": "run any Trainer program (python, trl, torchrun, accelerate) guarded, unedited",
 }
 
 

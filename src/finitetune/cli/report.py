@@ -7,6 +7,7 @@ a CI job can gate a fine-tune on its own logs.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from finitetune.errors import ReportInputError
@@ -19,12 +20,13 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", metavar="PATH",
-                   help="run directory, trainer_state.json, JSONL or console log; - for stdin")
+                   help="run directory, log file, tracker store or TensorBoard folder; - for stdin")
     p.add_argument("--compare", metavar="BEFORE",
                    help="a second log (e.g. the broken run) for a before/after table")
     p.add_argument("--format", choices=("md", "json", "html"), default="md",
                    help="output format (default md)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write to FILE (a regular file; - for stdout) instead of stdout")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.add_argument("--vocab-size", type=int, metavar="N",
                    help="vocabulary size for the first-loss bound (default: from the run, "
@@ -34,26 +36,35 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     return p
 
 
-_FORMATS = ("Reads a finitetune run directory, a transformers trainer_state.json, JSON lines of "
-            "log dicts, or console text with the Trainer's printed dicts or 'loss: x' lines. "
-            "Exit codes: 0 healthy, 1 unhealthy (or any warning with --strict), 2 unreadable "
-            "input.")
+_FORMATS = ("Reads a finitetune run directory, a transformers trainer_state.json (whole or a "
+            "cut-off fragment), JSON lines of log dicts (LLaMA-Factory's trainer_log.jsonl), "
+            "console text (the Trainer's printed dicts; DeepSpeed, Megatron, torchtitan, "
+            "nanoGPT 'loss: x' lines), a TensorBoard event folder (pip install "
+            "'finitetune[logs]'), an MLflow mlruns/ folder, a trackio .db store or W&B CSV "
+            "exports. Exit codes: 0 healthy, 1 unhealthy (or any warning with --strict), 2 "
+            "unreadable input.")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the report, print or write it, and return the verdict's exit code."""
-    from finitetune.report.health import health_report
+    from finitetune.report import health_report, to_html, to_json, to_markdown
 
     if args.vocab_size is not None and args.vocab_size < 2:
         raise ReportInputError(f"--vocab-size {args.vocab_size}: expected an integer >= 2")
+    if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:  # and NaN
+        raise ReportInputError(f"--max-grad-norm {args.max_grad_norm}: expected a finite "
+                               "number > 0")
+    from finitetune.output_paths import check_output_file
+
+    # before the report is built: a path that may not be written stops here, untouched
+    target = check_output_file(args.output, "-o") if args.output else None
     report = health_report(args.path, compare=args.compare, vocab_size=args.vocab_size,
                            max_grad_norm=args.max_grad_norm)
-    text = {"md": report.to_markdown, "json": report.to_json, "html": report.to_html}[
-        args.format]()
-    if args.output:
+    text = {"md": to_markdown, "json": to_json, "html": to_html}[args.format](report)
+    if target is not None:
         from finitetune.jsonio import write_text_atomic
 
-        write_text_atomic(args.output, text)
+        write_text_atomic(target, text)
         print(f"finitetune report: {report.verdict} -> {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

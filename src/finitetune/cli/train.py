@@ -8,10 +8,12 @@ directory, so ``--config RUN/config.yaml`` reproduces a run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from finitetune.errors import ConfigError
 
@@ -48,11 +50,23 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--on-label-problem": ("data.on_label_problem", str, "drop, error or fix"),
     "--precision": ("precision", str, "auto, bf16, fp16 or fp32"),
     "--guard-policy": ("guard.policy", str, "skip, rollback or halt"),
+    "--deepspeed": ("deepspeed", str, "DeepSpeed JSON config (ZeRO stage 1-3); launch with "
+                                      "torchrun, deepspeed or accelerate launch"),
+    "--guard-rollback-to": ("guard.rollback_to", str,
+                            "memory (a copy of the trainable state) or disk (the newest healthy "
+                            "checkpoint; needs --save-steps)"),
+    "--skip-bad-samples": ("guard.skip_bad_samples", str,
+                           "samples of faulty steps left out on resume: off, culprits, step, "
+                           "window"),
+    "--save-total-limit": ("save_total_limit", int, "checkpoints kept (the newest healthy one "
+                                                    "always survives)"),
     "--loss": ("loss", str, "auto (LM head only at supervised positions), supervised or full"),
 }
 SWITCHES: dict[str, tuple[str, bool, str]] = {
-    "--resume": ("resume", True, "continue from the newest checkpoint in --output-dir"),
-    "--overwrite": ("overwrite", True, "replace an existing run directory"),
+    "--resume": ("resume", True, "continue from the newest healthy checkpoint in --output-dir "
+                                 "(a run directory finitetune train created)"),
+    "--overwrite": ("overwrite", True, "replace --output-dir if finitetune train created it "
+                                       "(never a folder of yours)"),
     "--trust-remote-code": ("trust_remote_code", True, "allow the model's own Python code"),
     "--no-eval-before": ("eval_before", False, "skip the baseline evaluation"),
     "--no-attribution": ("attribution", False, "no fault attribution (replay) after a bad step"),
@@ -81,29 +95,43 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(config_file: str | None, overrides: dict[str, Any]):
-    """Merge defaults < preset < YAML < flags into a validated :class:`TrainConfig`."""
-    import yaml
+def resolve_config(config_file: str | None, overrides: dict[str, Any],
+                   sources: dict[str, str] | None = None):
+    """Merge defaults < preset < YAML < ``overrides`` into a validated :class:`TrainConfig`.
 
+    ``overrides`` has dotted keys (``data.max_length``); ``sources`` says where each came from
+    (``flag --max-length``), for the error message. Each layer is checked on its own first,
+    so an error names the file and line, or the flag, that holds the bad value.
+
+    Raises:
+        SettingError: a value of the wrong type or out of range, or an unknown setting.
+        ConfigError: the config file cannot be read.
+    """
     from finitetune.config import TrainConfig
+    from finitetune.errors import SettingError
+    from finitetune.validation import build, check_values
 
-    from_file: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            from_file = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(from_file, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    from_file, file_lines = _read_yaml(Path(config_file)) if config_file else ({}, {})
     nested_flags: dict[str, Any] = {}
     for dotted, value in overrides.items():
         _set(nested_flags, dotted.split("."), value)
     model = nested_flags.get("model") or from_file.get("model") or "demo"
-    merged = _merge(_merge(PRESETS.get(model, {}), from_file), nested_flags)
-    return _build(TrainConfig, merged, where=str(config_file or "settings"))
+    preset = PRESETS.get(model, {}) if isinstance(model, str) else {}
+    layers = [(preset, {}, f"the {model!r} preset"),
+              (from_file, file_lines, str(config_file)),
+              (nested_flags, sources or {}, "setting")]
+    where: dict[str, str] = {}
+    for values, lines, default in layers:
+        try:
+            check_values(TrainConfig, values)
+        except SettingError as exc:
+            raise exc.located(lines.get(exc.setting, default)) from None
+        where.update({k: lines.get(k, default) for k in _flatten(values)})
+    merged = _merge(_merge(preset, from_file), nested_flags)
+    try:
+        return build(TrainConfig, merged)
+    except SettingError as exc:  # a rule between two settings: name where the first came from
+        raise exc.located(where.get(exc.setting, "default")) from None
 
 
 def _set(tree: dict, keys: list[str], value: Any) -> None:
@@ -119,27 +147,57 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _build(cls: Any, values: dict, where: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting {unknown[0]!r} for {cls.__name__}; "
-                          f"known: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        sub = fields[name].default_factory  # nested dataclass sections (data, guard)
-        if isinstance(value, dict) and dataclasses.is_dataclass(sub):
-            value = _build(sub, value, f"{where}: {name}")
-        kwargs[name] = value
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 does (PyYAML follows
+    YAML 1.1, where a float needs a dot, and would hand the string "1e-3" to the config)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings of a YAML file and, for each dotted key, ``file:line`` (for errors)."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a directory or a "
+                          "special file); give a YAML file")
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=_YamlLoader)
+        values = yaml.load(text, Loader=_YamlLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got "
+                          f"{type(values).__name__}")
+    lines: dict[str, str] = {}
+    _key_lines(node, path, "", lines)
+    return values, lines
+
+
+def _key_lines(node: Any, path: Path, prefix: str, out: dict[str, str]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        dotted = f"{prefix}{key.value}"
+        here = f"{path}:{key.start_mark.line + 1}"
+        if dotted in out:  # PyYAML keeps the last silently; a repeated key is a mistake
+            raise ConfigError(f"{here}: {dotted} is set twice (first at {out[dotted]}); "
+                              "keep one")
+        out[dotted] = here
+        _key_lines(value, path, f"{dotted}.", out)
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("verb", "config")}
-    cfg = resolve_config(args.config, overrides)
+    flags = {dest: f"flag {flag}" for flag, (dest, *_rest) in {**FLAGS, **SWITCHES}.items()}
+    cfg = resolve_config(args.config, overrides, {k: flags.get(k, k) for k in overrides})
     from finitetune.cli.main import set_offline_if_local
 
     set_offline_if_local(cfg.model, cfg.data.path)
@@ -166,7 +224,9 @@ def train(**settings: Any):
     from finitetune.recipe import run_training
 
     config_file = settings.pop("config", None)
-    return run_training(resolve_config(config_file, _flatten(settings)))
+    flat = _flatten(settings)
+    return run_training(resolve_config(config_file, flat,
+                                       {k: f"train({k}=...)" for k in flat}))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -62,7 +62,7 @@ def prepare_rows(records: list[dict], tokenizer: Any,
     rows = tokenize_with(records, tokenizer, data)
     report = validate_rows(rows, tokenizer, data)
     bad = report.unusable_indices()
-    summary: dict[str, Any] = {"policy": data.on_label_problem.value, "total": report.total,
+    summary: dict[str, Any] = {"policy": LabelPolicy(data.on_label_problem).value, "total": report.total,
                                "unusable": len(bad), "fixed": 0, "dropped": 0}
     if bad and data.on_label_problem is LabelPolicy.ERROR:
         where = ", ".join(_where(report, i) for i in bad[:5])

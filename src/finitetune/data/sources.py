@@ -52,6 +52,9 @@ def load_records(
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if not (path.is_file() or path.is_dir()):  # reading a FIFO or a device would never end
+        raise DataError(f"data path {path} is not a regular file or a directory (a FIFO or a "
+                        "device?); give a JSONL, CSV or Parquet file or a saved dataset folder")
     fmt = detect_format(path)
     reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet,
               "hf_disk": _read_hf_disk}[fmt]

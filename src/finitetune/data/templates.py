@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-TEMPLATES = ("auto", "chat", "plain")
-
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))

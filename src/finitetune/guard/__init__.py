@@ -1,9 +1,9 @@
 """The gradient guard: check every optimizer step, never apply a non-finite one.
 
-``Guard`` (plain loops), ``StepOutcome`` and the pure ``decide`` live here; the Trainer
-integration is ``finitetune.integrations.hf.GuardCallback``. Nothing in this package imports
-transformers. Names resolve lazily, so ``finitetune.guard.policy`` (pure Python) can be
-imported without torch.
+``Guard`` (plain loops), ``StepOutcome``, the pure ``decide`` and the ``FaultHook`` protocol
+live here; the Trainer integration is ``finitetune.integrations.hf.GuardCallback``. Nothing in
+this package imports transformers. Names resolve lazily, so ``finitetune.guard.policy`` (pure
+Python) can be imported without torch.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from finitetune._lazy import lazy_getattr
 
 _EXPORTS = {
     "Guard": "finitetune.guard.guard",
+    "FaultHook": "finitetune.guard.hooks",
     "Action": "finitetune.guard.policy",
     "Reason": "finitetune.guard.policy",
     "StepOutcome": "finitetune.guard.policy",

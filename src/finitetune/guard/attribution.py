@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from finitetune.guard import distributed
+from finitetune import distributed
 from finitetune.guard.replay import (
     load_fault_batch,
     max_abs,
@@ -148,6 +148,7 @@ class Attributor:
         rec.update(self._grads())
         batches = [b for b in batches if isinstance(b[0], Mapping)][:cfg.max_micro_batches]
         replays: list[dict[str, Any]] = []
+        note: str | None
         if not batches:
             note = ("no batch (dict of model inputs) was registered: call "
                     "guard.observe_batch(batch) in plain loops")
@@ -156,7 +157,8 @@ class Attributor:
         elif not cfg.replay:
             note = "replay is off (AttributionConfig.replay=False)"
         elif self._sharded:  # each rank's forward all-gathers: a replay on one rank would hang
-            note = "not replayed: the model is sharded (FSDP); replays need every rank in step"
+            note = ("not replayed: the model is sharded (FSDP, ZeRO-3); replays need every "
+                    "rank in step")
         else:
             note = self._replay_all(batches, ids, reason, rec, replays, t0)
         if cfg.save_batches and batches:
@@ -178,7 +180,8 @@ class Attributor:
         """Non-finite gradients (layer order), top modules, non-finite weights; local shards
         of sharded (DTensor) parameters, so no collective runs here."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.is_floating_point()]
-        self._sharded = any(hasattr(p, "to_local") for _, p in named)
+        # FSDP2 DTensors, DeepSpeed ZeRO-3 partitions (ds_id): forwards gather across ranks
+        self._sharded = any(hasattr(p, "to_local") or hasattr(p, "ds_id") for _, p in named)
         named_l = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in named]
         with_grad = [(n, g.to_local() if hasattr(g, "to_local") else g) for n, g in
                      ((n, p.grad) for n, p in named) if g is not None and not g.is_sparse]

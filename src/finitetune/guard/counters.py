@@ -16,13 +16,13 @@ COUNTERS = (
     "steps", "applied", "skipped", "nonfinite", "nonfinite_grad", "nonfinite_loss",
     "norm_overflow", "no_valid_tokens", "loss_spikes", "grad_spikes", "warnings", "rollbacks",
     "lr_reductions", "scaler_overflows", "clipped", "empty_micro_batches", "consecutive_skips",
-    "last_applied_step",
+    "last_applied_step", "rank_mismatches",
 )
 REASON_COUNTER = {
     Reason.NONFINITE_GRAD: "nonfinite_grad", Reason.NONFINITE_LOSS: "nonfinite_loss",
     Reason.NORM_OVERFLOW: "norm_overflow", Reason.NO_VALID_TOKENS: "no_valid_tokens",
     Reason.LOSS_SPIKE: "loss_spikes", Reason.GRAD_SPIKE: "grad_spikes",
-    Reason.SCALER_OVERFLOW: "scaler_overflows",
+    Reason.SCALER_OVERFLOW: "scaler_overflows", Reason.RANK_MISMATCH: "rank_mismatches",
 }
 """The counter an event's reason adds one to."""
 LOG_KEYS = ("skipped", "nonfinite", "no_valid_tokens", "empty_micro_batches", "rollbacks",

@@ -38,6 +38,9 @@ _ADVICE = {
     "learning rate or set max_grad_norm; raise spike_threshold if the jumps are expected",
     Reason.SCALER_OVERFLOW: "fp16 keeps overflowing after the GradScaler calibrated: train in "
     "bf16 or fp32",
+    Reason.RANK_MISMATCH: "a rank's replicated gradients or parameters differ from the others "
+    "(a faulty device or a desynchronised collective): restart without the named rank's device "
+    "and resume from the last checkpoint",
 }
 
 

@@ -19,10 +19,10 @@ by default). A skip leaves parameters and every optimizer-state entry bit-identi
 the gradients or multiplying the update by 0 is *not* a skip (Adam moves on its momentum,
 weight decay still applies, and 0 x NaN = NaN poisons the moments).
 
-Distributed (DDP, FSDP2 ``fully_shard``): call ``step``/``check`` on every rank. The packed
-tensor has the same length on every rank whatever gradients exist, is reduced with one SUM
-all-reduce, and only reduced numbers feed the decision, so every rank takes the same one; rank
-0 writes the event (see :mod:`finitetune.guard.distributed`).
+Distributed (DDP, FSDP2 ``fully_shard``): call ``step`` / ``decide_and_prepare`` on every rank.
+The packed tensor has the same length on every rank, is reduced with one SUM all-reduce, and
+only reduced numbers feed the decision, so every rank takes the same one; rank 0 writes the
+event (see :mod:`finitetune.guard.distributed`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ from typing import Any
 
 import torch
 
+from finitetune import distributed
 from finitetune.config import GuardConfig
 from finitetune.errors import NonFiniteHalt
-from finitetune.guard import distributed, events, step_vector
+from finitetune.guard import events, step_vector
 from finitetune.guard.counters import REASON_COUNTER, log_view, new_counters
+from finitetune.guard.distributed import grad_replicas
+from finitetune.guard.hooks import FaultHook
 from finitetune.guard.policy import (
     FAULT_REASONS,
     Action,
@@ -47,20 +50,12 @@ from finitetune.guard.policy import (
     SpikeDetector,
     StepOutcome,
     StepStats,
-    decide,
 )
-from finitetune.guard.snapshot import Snapshot, backoff_lr
+from finitetune.guard.rank_check import RankCheck
+from finitetune.guard.snapshot import Snapshot, backoff_lr, unwrap_optimizer
 from finitetune.guard.stats import GradStats, LossAccumulator
 
 __all__ = ["Guard"]
-
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    return inner
 
 
 class Guard:
@@ -78,44 +73,43 @@ class Guard:
             (calibration skips are counted apart from faults) and calls ``scaler.update()``.
         output_dir: where ``events.jsonl`` is appended; ``None`` writes no file (warnings only).
         on_fault: called with the :class:`StepOutcome` of every step that is not applied,
-            before a rollback changes the parameters; a returned dict is merged into the event
-            (the hook for attribution).
+            before a rollback changes the parameters; a returned dict is merged into the event.
+            A :class:`~finitetune.guard.hooks.FaultHook` (the attribution seam) is bound first.
+        max_grad_norm: the clip value; ``None`` takes ``config.max_grad_norm`` (``0``: no
+            clipping). The Trainer adapter passes the Trainer's ``args.max_grad_norm`` here.
+        start_step: steps already taken (a resumed run): event step numbers continue from it.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module | None,
-        optimizer: Any,
-        config: GuardConfig | None = None,
-        scheduler: Any = None,
-        *,
-        scaler: Any = None,
-        output_dir: str | os.PathLike | None = None,
-        on_fault: Callable[[StepOutcome], dict | None] | None = None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module | None, optimizer: Any,
+                 config: GuardConfig | None = None, scheduler: Any = None, *, scaler: Any = None,
+                 output_dir: str | os.PathLike | None = None,
+                 on_fault: FaultHook | Callable[[StepOutcome], dict | None] | None = None,
+                 max_grad_norm: float | None = None, start_step: int = 0) -> None:
         self.config = config if config is not None else GuardConfig()
         self.model = model
         self.optimizer = optimizer
-        self.inner_optimizer = _unwrap(optimizer)
+        self.inner_optimizer = unwrap_optimizer(optimizer)
         self.scheduler = scheduler
         self.scaler = scaler
         self.output_dir = output_dir
         self.on_fault = on_fault
         self._batches: list[tuple[Any, Any]] = []
-        bind = getattr(on_fault, "bind_guard", None)  # an Attributor reads the step's batches
-        if callable(bind):
-            bind(self)
-        self.max_grad_norm = float(self.config.max_grad_norm or 0.0)
-        """Clip value in use (``GuardCallback`` sets it from the Trainer's arguments)."""
+        if isinstance(on_fault, FaultHook):
+            on_fault.bind_guard(self)  # an Attributor reads the step's batches
+        elif on_fault is not None and not callable(on_fault):
+            raise TypeError(f"on_fault must be callable, got {type(on_fault).__name__}")
+        clip = self.config.max_grad_norm if max_grad_norm is None else max_grad_norm
+        self._max_grad_norm = float(clip or 0.0)
         self.replicated_grads = True
         """Distributed: gradients are identical on every rank (DDP), not sharded (FSDP2).
         Detected from the parameters by :meth:`refresh_params` (DTensor parameters are
         sharded); set it yourself only for a layout the detection cannot see."""
         self._grad_replicas: int | None = None
         self.work_seconds = 0.0
-        """Wall time spent inside ``observe_loss`` and ``check`` (for the overhead benchmark)."""
+        """Wall time spent inside ``observe_loss`` and ``decide_and_prepare`` (for benchmarks)."""
         self.last_outcome: StepOutcome | None = None
         self.counters: dict[str, Any] = new_counters()
+        self.counters["steps"] = int(start_step)
         self.lr_scale = 1.0
         cfg = self.config
         self._loss_detector = SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_min_scale)
@@ -126,9 +120,15 @@ class Guard:
         self._loss = LossAccumulator()
         self.refresh_params()
 
+    @property
+    def max_grad_norm(self) -> float:
+        """The clip value in use (0: no clipping); fixed at construction."""
+        return self._max_grad_norm
+
     # ---- parameters -------------------------------------------------------------------------
     def refresh_params(self) -> None:
         """Re-read the trainable parameters (call after freezing/unfreezing or adding groups)."""
+        params: list[torch.Tensor]
         if self.model is not None:
             params = [p for p in self.model.parameters() if p.requires_grad]
         else:
@@ -136,11 +136,13 @@ class Guard:
         self._params = params
         # DDP / one process: None (replicated); fully_shard: ranks per gradient element.
         # Raises ConfigError for layouts the guard cannot add up (FSDP1, mixed).
-        self._grad_replicas = distributed.grad_replicas(self.model, params)
+        self._grad_replicas = grad_replicas(self.model, params)
         self.replicated_grads = self._grad_replicas is None
         self._grad_stats = GradStats(params)
-        self._snapshot = (Snapshot(params, self.inner_optimizer)
-                          if self.config.needs_snapshots else None)
+        self.rank_check = RankCheck.for_layout(self.config, self.replicated_grads, params)
+        in_memory = self.config.needs_snapshots and self.config.rollback_to == "memory"
+        self._snapshot = (getattr(self, "snapshot_override", None)  # DiskRollback.attach
+                          or (Snapshot(params, self.inner_optimizer) if in_memory else None))
         self._n_opt_params = self._count_opt_params()
 
     def _count_opt_params(self) -> int:
@@ -190,7 +192,7 @@ class Guard:
         Raises:
             NonFiniteHalt: the policy decided to halt; ``events.jsonl`` already has the event.
         """
-        outcome = self.check(unscale=True)
+        outcome = self.decide_and_prepare(unscale=True)
         if outcome.applied:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -205,13 +207,15 @@ class Guard:
             raise self.halt_error(outcome)
         return outcome
 
-    def check(self, step: int | None = None, *, unscale: bool = False) -> StepOutcome:
-        """Measure, decide and prepare the step, without calling ``optimizer.step()``.
+    def decide_and_prepare(self, step: int | None = None, *, unscale: bool = False
+                           ) -> StepOutcome:
+        """Measure and decide the step, and do everything but ``optimizer.step()`` itself.
 
-        For integrations that call the optimizer themselves (``GuardCallback``): clipping,
-        rollback and LR back-off are done here; the caller must call ``optimizer.step()`` iff
-        ``outcome.applied``. ``step`` overrides the 1-based step index used in events.
-        ``unscale``: call ``scaler.unscale_`` first (``Guard.step`` does).
+        For integrations that call the optimizer themselves (the Trainer adapter). Besides
+        deciding, this *changes state*: on apply it clips the gradients; on rollback it restores
+        the last good snapshot; on rollback / reduce_lr it lowers the LR; it writes the event.
+        The caller must then call ``optimizer.step()`` iff ``outcome.applied``. ``step``: the
+        1-based step index for events; ``unscale``: ``scaler.unscale_`` first (``step`` does).
         """
         t0 = time.perf_counter()
         if self._count_opt_params() != self._n_opt_params:
@@ -228,11 +232,12 @@ class Guard:
         # COLLECTIVE (distributed only): the step's one all-reduce; SUM, so counts stay exact
         # and a NaN on any rank reaches every rank. Afterwards all ranks hold the same numbers.
         packed = distributed.all_reduce_sum_(
-            step_vector.pack(grad_vec, self._loss.packed(device), found_inf, ws))
+            step_vector.pack(grad_vec, self._loss.packed(device), found_inf, ws,
+                             self.rank_check.slots(grad_vec, step)))
         if not self.replicated_grads:  # shards: the clip norm is the global one, on device
             clip_norm = (packed[0] / self._grad_div()).sqrt().to(clip_norm.dtype)
         values = packed.tolist()  # HOST SYNC: the one read of device values per optimizer step
-        values, ranks = step_vector.split(values, ws)
+        values, ranks, rc_values = step_vector.split(values, ws, self.rank_check.width)
         # an inf per-tensor norm (fault path only): one more COLLECTIVE + HOST SYNC in there
         stats, clip_value = step_vector.read_stats(
             values, grad_div=self._grad_div(), replicated_grads=self.replicated_grads,
@@ -240,7 +245,7 @@ class Guard:
         signals = self._signals(stats)
         ctx = PolicyContext(self.counters["consecutive_skips"], self.counters["rollbacks"],
                             self._snapshot is not None and self._snapshot.exists)
-        decision = decide(stats, signals, ctx, self.config)
+        decision = self.rank_check.decide(stats, signals, ctx, rc_values, step)
         outcome = self._outcome(step, decision, stats, clip_value)
         extra = None
         if not outcome.applied and self.on_fault is not None:
@@ -295,8 +300,8 @@ class Guard:
         pinned = norm_ok and (
             (self._last_norm is not None and abs(norm - self._last_norm)
              <= 1e-6 * max(abs(self._last_norm), 1e-30))
-            or (self.max_grad_norm > 0 and abs(norm - self.max_grad_norm)
-                <= 1e-6 * self.max_grad_norm)
+            or (self._max_grad_norm > 0 and abs(norm - self._max_grad_norm)
+                <= 1e-6 * self._max_grad_norm)
         )
         return Signals(
             loss_z=self._loss_detector.score(stats.loss) if loss_ok else None,
@@ -309,7 +314,7 @@ class Guard:
                  ) -> StepOutcome:
         applied = decision.action == Action.APPLY
         backoff = decision.action in (Action.ROLLBACK, Action.REDUCE_LR)
-        clipped = applied and self.max_grad_norm > 0 and clip_value + 1e-6 > self.max_grad_norm
+        clipped = applied and self._max_grad_norm > 0 and clip_value + 1e-6 > self._max_grad_norm
         return StepOutcome(
             step=step, applied=applied, action=decision.action, reason=decision.reason,
             grad_norm=stats.grad_norm, loss=stats.loss, tokens=stats.tokens,
@@ -336,10 +341,10 @@ class Guard:
                 self._snapshot.capture(outcome.step)  # this state just proved itself: finite
             # Multiply only when the coefficient may be < 1 (x1.0 is exact, so skipping it
             # changes nothing but saves a pass over the gradients); clip_value came with the sync.
-            if 0 < self.max_grad_norm < math.inf and (
-                clip_value + 1e-6 >= self.max_grad_norm * (1 - 1e-5)
+            if 0 < self._max_grad_norm < math.inf and (
+                clip_value + 1e-6 >= self._max_grad_norm * (1 - 1e-5)
             ):
-                self._grad_stats.clip_(self.max_grad_norm, clip_norm)
+                self._grad_stats.clip_(self._max_grad_norm, clip_norm)
             c["clipped"] += int(outcome.clipped)
             c["applied"] += 1
             c["last_applied_step"] = outcome.step
@@ -351,7 +356,7 @@ class Guard:
             return
         c["skipped"] += 1
         c["consecutive_skips"] = outcome.consecutive_skips
-        if outcome.action == Action.ROLLBACK:
+        if outcome.action == Action.ROLLBACK and self._snapshot is not None:  # decide() knew
             self._snapshot.restore()
             c["rollbacks"] += 1
         elif outcome.action == Action.REDUCE_LR:
@@ -371,11 +376,8 @@ class Guard:
         return log_view(self.counters, self.lr_scale)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and detector windows, strict-JSON safe (only finite numbers are kept).
-
-        The rollback snapshot is not included: after a resume, the first clean step makes a new
-        one.
-        """
+        """Counters and detector windows, strict-JSON safe (only finite numbers are kept); not
+        the rollback snapshot (after a resume, the first clean step makes a new one)."""
         return {
             "version": 1, "counters": dict(self.counters), "lr_scale": self.lr_scale,
             "loss_window": self._loss_detector.state_dict(),

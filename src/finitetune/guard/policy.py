@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any
 
 from finitetune.config import GuardConfig, GuardPolicy, SpikeAction
+from finitetune.robust_stats import robust_z
 
 __all__ = [
     "Action", "Decision", "PolicyContext", "Reason", "Signals", "SpikeDetector", "StepOutcome",
@@ -29,10 +30,6 @@ __all__ = [
 
 FP32_MAX = 3.4028234663852886e38
 """A squared total norm above this overflows float32: the usual fp32 norm would read inf."""
-
-_MAD_TO_STD = 1.4826
-"""MAD x this = standard deviation for normally distributed noise."""
-
 
 class Action(str, Enum):
     """What the guard did with an optimizer step."""
@@ -70,6 +67,8 @@ class Reason(str, Enum):
     """The pre-clip grad norm stayed constant or at ``max_grad_norm`` for long (warning)."""
     SCALER_OVERFLOW = "scaler_overflow"
     """fp16 GradScaler found inf/NaN while calibrating its scale: skipped, not a fault."""
+    RANK_MISMATCH = "rank_mismatch"
+    """Ranks that should hold the same gradients or parameters do not (``detail['ranks']``)."""
 
 
 FAULT_REASONS = frozenset({Reason.NONFINITE_GRAD, Reason.NORM_OVERFLOW, Reason.NONFINITE_LOSS})
@@ -180,25 +179,6 @@ class StepOutcome:
         if self.detail.get("note"):
             text += f"; {self.detail['note']}"
         return text
-
-
-def robust_z(window: Iterable[float], value: float, min_scale: float) -> float:
-    """Distance of ``value`` from the window median in robust standard deviations.
-
-    The spread is ``max(1.4826 * MAD, min_scale * |median|, 1e-12)``: the floor keeps a
-    nearly constant window from calling every wiggle a spike.
-    """
-    ordered = sorted(window)
-    med = _median(ordered)
-    mad = _median(sorted(abs(x - med) for x in ordered))
-    scale = max(_MAD_TO_STD * mad, min_scale * abs(med), 1e-12)
-    return (value - med) / scale
-
-
-def _median(ordered: list[float]) -> float:
-    n = len(ordered)
-    mid = n // 2
-    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 class SpikeDetector:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Snapshot", "backoff_lr"]
+__all__ = ["Snapshot", "backoff_lr", "unwrap_optimizer"]
 
 
 class Snapshot:
@@ -82,6 +82,14 @@ class Snapshot:
                 self.optimizer.state[p] = states[i]
             else:  # had no state yet at capture time: the optimizer re-initialises it lazily
                 self.optimizer.state.pop(p, None)
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner
 
 
 def backoff_lr(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> float:

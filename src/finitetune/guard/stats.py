@@ -56,9 +56,11 @@ class GradStats:
         # FSDP2 (fully_shard): DTensor gradients; the norms are taken over the local shards
         # (the guard adds the squares up across ranks) and clipping scales the shards in place.
         self.sharded = any(local_tensor(p) is not p for p in self.params)
-        grouped = _group_tensors_by_device_and_dtype([self.params])  # same order torch uses
+        optional: list[torch.Tensor | None] = list(self.params)  # the type torch declares
+        grouped = _group_tensors_by_device_and_dtype([optional])  # same order torch uses
         self.groups: list[tuple[torch.device, torch.dtype, list[torch.Tensor]]] = [
-            (device, dtype, tensors) for (device, dtype), ([tensors], _) in grouped.items()
+            (device, dtype, [t for t in tensors if t is not None])
+            for (device, dtype), ([tensors], _) in grouped.items()
         ]
         self._grads: list[tuple[torch.device, list[torch.Tensor]]] = []
 

@@ -4,6 +4,7 @@ Layout (float64, same length on every rank whatever gradients or losses exist, s
 all-reduce lines up everywhere)::
 
     GRAD_FIELDS | LOSS_FIELDS | [scaler found_inf] | [one fault-flag slot per rank]
+        | [cross-rank check slots: 2 per rank]
 
 :func:`pack` builds it on the device (no sync); the guard all-reduces it and reads it with one
 host sync; :func:`split` and :func:`read_stats` turn the reduced numbers, identical on every
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 
-from finitetune.guard import distributed
+from finitetune import distributed
+from finitetune.guard.distributed import rank_slots
 from finitetune.guard.policy import FP32_MAX, StepStats
 from finitetune.guard.stats import GRAD_FIELDS, LOSS_FIELDS
 
@@ -64,22 +66,30 @@ def rank_lists(slots: list[float]) -> dict[str, Any]:
 
 
 def pack(grad_vec: torch.Tensor, loss_vec: torch.Tensor, found_inf: torch.Tensor | None,
-         world_size: int) -> torch.Tensor:
+         world_size: int, rank_check: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's vector in the layout above (``found_inf``: only with a GradScaler; the
-    per-rank slots: only when ``world_size > 1``). Device-side, no sync."""
+    per-rank slots: only when ``world_size > 1``; ``rank_check``: the
+    :class:`~finitetune.guard.rank_check.RankCheck` slots, when active). Device-side, no sync."""
     parts = [grad_vec, loss_vec]
     if found_inf is not None:
         parts.append(found_inf)
     if world_size > 1:
-        parts.append(distributed.rank_slots(rank_flags(grad_vec, loss_vec)))
+        parts.append(rank_slots(rank_flags(grad_vec, loss_vec)))
+    if rank_check is not None:
+        parts.append(rank_check)
     return torch.cat(parts)
 
 
-def split(values: list[float], world_size: int) -> tuple[list[float], dict[str, Any] | None]:
-    """The reduced values without the per-rank slots, and those slots decoded (or None)."""
+def split(values: list[float], world_size: int, rank_check: int = 0
+          ) -> tuple[list[float], dict[str, Any] | None, list[float]]:
+    """The reduced values without the per-rank slots, those slots decoded (or None), and the
+    last ``rank_check`` values (the cross-rank check's slots)."""
+    tail = values[len(values) - rank_check:] if rank_check else []
+    values = values[:len(values) - rank_check]
     if world_size <= 1:
-        return values, None
-    return values[:len(values) - world_size], rank_lists(values[len(values) - world_size:])
+        return values, None, tail
+    return (values[:len(values) - world_size], rank_lists(values[len(values) - world_size:]),
+            tail)
 
 
 def read_stats(values: list[float], *, grad_div: int, replicated_grads: bool,

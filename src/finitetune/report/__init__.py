@@ -1,4 +1,14 @@
-"""Health report of a training run: parse any log, judge it, render it.
+"""Health report of a training run: read any log, judge it, render it.
+
+Layers, each importing only the ones above it:
+
+1. records and parsing primitives: :mod:`.records`, :mod:`.names` (the one table of metric
+   names), :mod:`.fmt`, :mod:`.console`, :mod:`.fragments`;
+2. format detection and loading: :mod:`.load`, :mod:`.run_reader`, :mod:`.tensorboard`,
+   :mod:`.trackers`, :mod:`.follow` (incremental, for ``finitetune watch``);
+3. analysis, the model: :mod:`.health`, :mod:`.stats`, :mod:`.rules`;
+4. rendering, the views: :mod:`.render` (Markdown, JSON), :mod:`.html`, :mod:`.plots`,
+   :mod:`.live` (the terminal view of ``watch``).
 
 ``finitetune.health_report(source)`` is the entry point; :func:`write_reports` is what the main
 job calls at the end of a run (also after an early stop) to leave ``report.md``,
@@ -14,9 +24,12 @@ from pathlib import Path
 from finitetune import run_files
 from finitetune.jsonio import write_text_atomic
 from finitetune.report.health import HealthReport, health_report
+from finitetune.report.html import to_html
+from finitetune.report.render import report_dict, to_json, to_markdown
 from finitetune.report.run_reader import load_run_dir
 
-__all__ = ["HealthReport", "health_report", "write_reports"]
+__all__ = ["HealthReport", "health_report", "report_dict", "to_html", "to_json", "to_markdown",
+           "write_reports"]
 
 
 def write_reports(run_dir: str | os.PathLike, *, vocab_size: int | None = None,
@@ -29,7 +42,7 @@ def write_reports(run_dir: str | os.PathLike, *, vocab_size: int | None = None,
     run_dir = Path(run_dir)
     report = health_report(load_run_dir(run_dir), vocab_size=vocab_size,
                            max_grad_norm=max_grad_norm)
-    write_text_atomic(run_dir / run_files.REPORT_MD, report.to_markdown())
-    write_text_atomic(run_dir / run_files.REPORT_JSON, report.to_json())
-    write_text_atomic(run_dir / run_files.REPORT_HTML, report.to_html())
+    write_text_atomic(run_dir / run_files.REPORT_MD, to_markdown(report))
+    write_text_atomic(run_dir / run_files.REPORT_JSON, to_json(report))
+    write_text_atomic(run_dir / run_files.REPORT_HTML, to_html(report))
     return report

@@ -13,22 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from finitetune import run_files
-from finitetune.errors import ReportInputError
 from finitetune.jsonio import decode_nonfinite
-from finitetune.report.parse import EXPECTED, Collector, ParsedLog, load_file
-
-
-def load_dir(path: Path) -> ParsedLog:
-    """A finitetune run directory, else a Trainer output dir (its newest trainer_state.json)."""
-    if run_files.is_run_dir(path):
-        return load_run_dir(path)
-    states = [path / run_files.TRAINER_STATE,  # then the newest checkpoint first
-              *(c / run_files.TRAINER_STATE for c in reversed(run_files.checkpoints(path)))]
-    for state in states:
-        if state.is_file():
-            return load_file(state)
-    raise ReportInputError(f"{path}: a directory without {run_files.METRICS} or "
-                           f"{run_files.TRAINER_STATE}; {EXPECTED}")
+from finitetune.report.records import Collector, ParsedLog
 
 
 def load_run_dir(path: str | os.PathLike) -> ParsedLog:
@@ -48,8 +34,11 @@ def load_run_dir(path: str | os.PathLike) -> ParsedLog:
     events = run_files.read_jsonl(path / run_files.EVENTS, run_files.Tolerance.TOLERANT,
                                   decode=True)
     log.events, log.notes = events.records, [*log.notes, *events.notes]
+    bad = run_files.read_jsonl(path / run_files.BAD_SAMPLES, run_files.Tolerance.TOLERANT)
+    log.bad_samples, log.notes = bad.records, [*log.notes, *bad.notes]
     log.eval = _read_json(path / run_files.EVAL, log)
     log.labels = _read_json(path / run_files.LABEL_REPORT, log)
+    log.status = _read_json(path / run_files.STATUS, log)
     _read_config(path, log)
     return log
 
@@ -79,7 +68,7 @@ def _read_config(path: Path, log: ParsedLog) -> None:
         except Exception as exc:  # a broken config must not stop the report of a dead run
             log.notes.append(f"config.yaml unreadable ({type(exc).__name__}), ignored")
     if isinstance(cfg, dict):
-        guard = cfg.get("guard") if isinstance(cfg.get("guard"), dict) else {}
+        guard: dict[str, Any] = cfg["guard"] if isinstance(cfg.get("guard"), dict) else {}
         for value in (guard.get("max_grad_norm"), cfg.get("max_grad_norm")):
             if isinstance(value, (int, float)) and value > 0:
                 log.max_grad_norm = float(value)

@@ -101,17 +101,20 @@ def run_verify(
             shutil.rmtree(root, ignore_errors=True)
 
 
+_CREATOR = "finitetune verify"
+"""Only a directory verify created itself (its owner marker) is replaced."""
+
+
 def _prepare_root(output_dir: str | None) -> Path:
-    """The output directory: a fresh temporary one, or ``output_dir`` (replacing only an
-    earlier verify output, never a user's files)."""
-    root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
-    if output_dir and root.exists() and any(root.iterdir()):
-        if not (root / "verify.json").exists() and not (root / "minimal").exists():
-            raise ConfigError(f"{root} is not empty and not a previous verify output; choose "
-                              "another --output-dir")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """The output directory: a fresh temporary one, or ``output_dir``, checked now (new, empty
+    or an earlier verify output, never a user's files) and made by :func:`_run_scenarios` only
+    once the model and data have loaded, so a bad input writes nothing."""
+    if not output_dir:
+        return Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
+    from finitetune.output_paths import check_output_dir
+
+    check_output_dir(output_dir, "--output-dir", created_by=_CREATOR, replace=True)
+    return Path(output_dir)
 
 
 def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], root: Path,
@@ -126,6 +129,10 @@ def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], 
     need = max(STEPS, LR_STEPS, steps) * BATCH
     with quiet():
         setup = prepare_setup(model, data=data, rows_needed=need)
+    if kept:
+        from finitetune.output_paths import prepare_output_dir
+
+        prepare_output_dir(root, "--output-dir", _CREATOR, replace=True)
     with quiet(setup.threads):
         say(f"finitetune verify: {model} ({setup.n_params / 1e6:.1f}M params, vocab "
             f"{setup.vocab_size}) on {setup.task}; batch {BATCH}, CPU, "

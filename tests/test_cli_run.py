@@ -1,0 +1,118 @@
+"""``finitetune run``: an unedited Trainer script, guarded from the outside.
+
+The script below imports nothing from finitetune: every guard feature it gets comes through
+``finitetune run``'s ``sitecustomize``. Each fault kind of ``--inject`` is put into it and the
+events, metrics, exit code and printed report are checked; bad options exit 2 before anything
+runs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from finitetune.cli.main import main
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
+    ids = torch.randint(0, 64, (40, 16), generator=torch.Generator().manual_seed(1))
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    args = TrainingArguments(output_dir=sys.argv[1], max_steps=int(sys.argv[2]),
+                             per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
+                             save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, train_sampling_strategy="sequential")
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    print(f"nonfinite parameters: {bad}")
+''')
+
+
+def _run(tmp_path, options, steps=5, out="out"):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "finitetune", "run", *options, "--", sys.executable,
+           str(script), str(tmp_path / out), str(steps)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_each_fault_kind_is_injected_and_handled(tmp_path):
+    # Faults: inf_loss at step 2, empty_batch at step 4 (every label -100), with a YAML config
+    # and --events-dir. Must: exit 0; step 2 skipped as a non-finite loss, step 4 as
+    # no_valid_tokens; the events and metrics in --events-dir; the log's loss at step 4 is NaN
+    # (not the Trainer's 0.0); the parameters finite; the report printed.
+    (tmp_path / "guard.yaml").write_text("guard:\n  max_consecutive_skips: 3\n")
+    r = _run(tmp_path, ["--inject", "inf_loss@2", "--inject", "empty_batch@4", "--config",
+                        str(tmp_path / "guard.yaml"), "--events-dir", str(tmp_path / "ev")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(e["step"], e["reason"]) for e in _lines(tmp_path / "ev" / "events.jsonl")] == [
+        (2, "nonfinite_loss"), (4, "no_valid_tokens")]
+    metrics = {m["step"]: m for m in _lines(tmp_path / "ev" / "metrics.jsonl")}
+    assert [metrics[s]["skipped"] for s in range(1, 6)] == [0, 1, 0, 1, 0]
+    assert metrics[4]["loss"] is None and metrics[4]["loss_nonfinite"] == "nan"
+    assert "nonfinite parameters: 0" in r.stdout and "# Training health report" in r.stdout
+    assert "injected empty_batch@4, inf_loss@2" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_halt_returns_exit_code_3(tmp_path):
+    # Fault: NaN gradient at step 2 with --guard-policy halt. Must: the program stops with
+    # NonFiniteHalt after step 2 (nothing applied there), finitetune run exits 3 and says so.
+    # (--no-guard on the same fault: tests/test_trl_guard.py shows the NaN weights.)
+    r = _run(tmp_path, ["--guard-policy", "halt", "--inject", "nan_grad@2", "--no-report"])
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "NonFiniteHalt" in r.stderr and "halted by the guard at step 2" in r.stdout
+    assert [(e["step"], e["action"]) for e in _lines(tmp_path / "out" / "events.jsonl")] == [
+        (2, "halt")]
+
+
+def test_a_program_without_a_trainer_keeps_its_exit_code(tmp_path, capsys):
+    assert main(["run", "--", sys.executable, "-c", "raise SystemExit(7)"]) == 7
+    assert "nothing was guarded" in capsys.readouterr().err
+
+
+def test_the_environment_s_own_sitecustomize_still_runs(tmp_path, capsys):
+    # Must: finitetune's sitecustomize shadows another on PYTHONPATH; that one still runs.
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['THEIRS'] = 'ran'\n")
+    marker = tmp_path / "marker.txt"
+    code = f"import os; open({str(marker)!r}, 'w').write(os.environ.get('THEIRS', 'no'))"
+    env_before = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env_before) if p)
+    try:
+        assert main(["run", "--", sys.executable, "-c", code]) == 0
+    finally:
+        os.environ["PYTHONPATH"] = env_before
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--inject", "nan@x", "--", "python"], "expected KIND@STEP"),
+    (["run", "--inject", "nan_grad@0", "--", "python"], "STEP >= 1"),
+    (["run", "--max-consecutive-skips", "-1", "--", "python"], "max_consecutive_skips"),
+    (["run", "--"], "give the program to run after --"),
+    (["run", "--", "no-such-program-finitetune"], "cannot start 'no-such-program-finitetune'"),
+])
+def test_bad_options_exit_2_before_anything_runs(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_config_keys_are_named(tmp_path, capsys):
+    (tmp_path / "g.yaml").write_text("polcy: skip\n")
+    assert main(["run", "--config", str(tmp_path / "g.yaml"), "--", "python"]) == 2
+    assert "unknown guard setting(s) polcy" in capsys.readouterr().err
