@@ -323,5 +323,5 @@ def test_train_uses_the_fast_loss_by_default_and_full_on_request(tmp_path, capsy
     assert code == 0 and "loss: full" in io.out
     assert yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())["loss"] == "full"
     code, io = train("bad", "--loss", "fast")
-    assert code == 2 and "unknown loss 'fast'" in io.err
+    assert code == 2 and "loss = 'fast' (flag --loss): expected one of: auto, supervised, full" in io.err
     assert not (tmp_path / "bad").exists()

@@ -5,8 +5,9 @@ proves the exact wiring users run: the safe loss as ``compute_loss_func`` (fp32,
 over the accumulation window, 0 on an empty window instead of NaN), the collator that carries
 sample ids (leaving out the samples of earlier faulty steps), ``GuardCallback`` with
 attribution, ``CheckpointCallback`` (no poisoned checkpoint, healthy resume, on-disk
-rollback), and the ``metrics.jsonl`` writer fed by the loss tracker summed over ranks. The callback order matters: the guard's counters must be in a
-log dict before the metrics line is written from it.
+rollback), and the ``metrics.jsonl`` writer fed by the loss tracker summed over ranks. The
+callback order matters: the guard's counters must be in a log dict before the metrics line is
+written from it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,27 @@ def build_trainer(
     from transformers import Trainer
 
     from finitetune.data.collate import CausalLMCollator
+    from finitetune.loss import SafeCausalLMLoss
+
+    tracker = loss if loss is not None else (
+        SafeCausalLMLoss() if (safe_loss or guard is not None) else None)
+    # sample ids ride in each batch only when the guard is there to pop them
+    collator: Any = CausalLMCollator(pad_token_id, sample_ids=guard is not None)
+    callbacks: list[Any] = []
+    if guard is not None:
+        collator, callbacks = _guarded_parts(model, args, guard, collator, tracker,
+                                             attribution, sources)
+    trainer = (trainer_cls or Trainer)(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+        compute_loss_func=tracker, callbacks=callbacks,
+    )
+    return trainer, tracker
+
+
+def _guarded_parts(model: Any, args: Any, guard: GuardConfig, collator: Any, tracker: Any,
+                   attribution: bool, sources: Mapping[int, str] | None,
+                   ) -> tuple[Any, list[Any]]:
+    """The collator (leaving out remembered bad samples) and the callbacks, in order."""
     from finitetune.distributed import AllRanksWindow
     from finitetune.guard.attribution import Attributor
     from finitetune.guard.bad_batches import BadSampleMemory, BadSampleRecorder
@@ -56,27 +78,15 @@ def build_trainer(
     from finitetune.integrations.checkpoint_callback import CheckpointCallback
     from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.metrics import MetricsCallback
-    from finitetune.loss import SafeCausalLMLoss
 
     out = Path(args.output_dir)
-    tracker = loss if loss is not None else (
-        SafeCausalLMLoss() if (safe_loss or guard is not None) else None)
-    callbacks: list[Any] = []
-    # sample ids ride in each batch only when the guard is there to pop them
-    collator: Any = CausalLMCollator(pad_token_id, sample_ids=guard is not None)
-    if guard is not None:
-        attributor = Attributor(model, out, sources=sources) if attribution else None
-        # bad samples remembered (bad_samples.jsonl) and left out of later batches
-        memory = BadSampleMemory(out, mode=guard.skip_bad_samples, window=guard.bad_sample_window,
-                                 accumulation=args.gradient_accumulation_steps, sources=sources)
-        collator = memory.wrap(collator)
-        callbacks = [GuardCallback(guard, output_dir=str(out), attribution=attribution,
-                                   on_fault=BadSampleRecorder(memory, attributor)),
-                     CheckpointCallback(out, config=guard, memory=memory),
-                     MetricsCallback(out / run_files.METRICS, tracker=AllRanksWindow(tracker)),
-                     *kill_points.from_env()]
-    trainer = (trainer_cls or Trainer)(
-        model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-        compute_loss_func=tracker, callbacks=callbacks,
-    )
-    return trainer, tracker
+    attributor = Attributor(model, out, sources=sources) if attribution else None
+    # bad samples remembered (bad_samples.jsonl) and left out of later batches
+    memory = BadSampleMemory(out, mode=guard.skip_bad_samples, window=guard.bad_sample_window,
+                             accumulation=args.gradient_accumulation_steps, sources=sources)
+    callbacks = [GuardCallback(guard, output_dir=str(out), attribution=attribution,
+                               on_fault=BadSampleRecorder(memory, attributor)),
+                 CheckpointCallback(out, config=guard, memory=memory),
+                 MetricsCallback(out / run_files.METRICS, tracker=AllRanksWindow(tracker)),
+                 *kill_points.from_env()]
+    return memory.wrap(collator), callbacks
