@@ -82,6 +82,17 @@ def test_partial_checkpoints_are_detected_with_the_reason(tmp_path, case):
     assert health.health == Health.PARTIAL and why in health.reason, health
 
 
+def test_deepspeed_layout_is_complete_without_optimizer_pt(tmp_path):
+    path = _fake_checkpoint(tmp_path, 4)
+    (path / "optimizer.pt").unlink()  # DeepSpeed keeps it under global_step4/
+    (path / "global_step4").mkdir()
+    (path / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (path / "latest").write_text("global_step4")
+    assert inspect_checkpoint(path).ok
+    (path / "trainer_state.json").unlink()  # killed before the Trainer finished the save
+    assert inspect_checkpoint(path).health == Health.PARTIAL
+
+
 def test_marker_trusts_an_intact_checkpoint_and_catches_a_later_truncation(tmp_path):
     path = _fake_checkpoint(tmp_path, 6, marker=True)
     marker = json.loads((path / run_files.CHECKPOINT_MARKER).read_text())

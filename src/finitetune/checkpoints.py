@@ -8,7 +8,8 @@ first, each folder is judged:
 
 - **partial**: a file the Trainer always writes is missing or cut short (safetensors header
   and size, the zip directory of ``*.pt``, ``trainer_state.json`` parsed and naming this
-  step), or a file changed size since finitetune recorded it;
+  step), or a file changed size since finitetune recorded it; for DeepSpeed and FSDP layouts
+  (the engine's own optimizer files) only ``trainer_state.json``, written after them, is read;
 - **nonfinite**: a weight or optimizer tensor holds NaN/inf;
 - **healthy**: neither. A folder carrying finitetune's marker
   (:data:`~finitetune.run_files.CHECKPOINT_MARKER`, written after the state was checked finite
@@ -145,6 +146,8 @@ def _incomplete(path: Path, step: int) -> str:
         return f"{run_files.TRAINER_STATE} is not valid JSON (cut off mid-write)"
     if saved != step:
         return f"{run_files.TRAINER_STATE} says step {saved}, the folder name {step}"
+    if _engine_layout(path):
+        return ""  # DeepSpeed / FSDP write their own files; trainer_state.json comes after them
     weights = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
     for index in (path / n for n in INDEX_FILES if (path / n).is_file()):
         try:
@@ -159,6 +162,17 @@ def _incomplete(path: Path, step: int) -> str:
         if why:
             return why
     return ""
+
+
+def _engine_layout(path: Path) -> str | None:
+    """``DeepSpeed`` or ``FSDP`` when the optimizer state is in the engine's own layout (no
+    ``optimizer.pt``: ``global_stepN/`` + ``latest``, or ``optimizer_0`` shards)."""
+    for p in path.iterdir():
+        if p.name == "latest" or p.name.startswith("global_step"):
+            return "DeepSpeed"
+        if p.name.startswith(("optimizer_0", "pytorch_model_fsdp")):
+            return "FSDP"
+    return None
 
 
 def _file_ok(f: Path) -> str:
