@@ -53,6 +53,7 @@ BENCHES = [
     Bench("loss", "bench.bench_loss", []),  # default size: the README's 0.33x is stated for it
     Bench("report", "bench.bench_report", []),
     Bench("rank_check", "bench.bench_rank_check", []),
+    Bench("rollback", "bench.bench_rollback", []),
     Bench("watch", "bench.bench_watch", []),
     Bench("tiny", "bench.bench_demo", ["--model", "tiny"]),
     Bench("demo", "bench.bench_demo", []),
@@ -86,6 +87,7 @@ WATCH = "finitetune watch: CPU while following a log"
 DEMO = "Demo: SmolLM2-135M LoRA on BBC topics (issue 2)"
 TINY = "Tiny model on its generated task (issue 2)"
 RANK = "Cross-rank consistency check cost (issue 16)"
+ROLLBACK = "Rollback policies: peak memory, in-memory vs on-disk (issue 14)"
 
 TARGETS = [
     Target("gradient guard", "Trainer step time, guarded / unguarded", GUARD,
@@ -117,6 +119,9 @@ TARGETS = [
            "issue 4 asks for the time as a ratio; 1.25 proposed", "x"),
     Target("health report", "parse + statistics of 1,000,000 log lines", REPORT,
            r"\| health_report\(path\)[^|]*\|\s*([\d.]+)", "<=", 5.0, "issue 9", " s"),
+    Target("rollback", "extra peak memory, on-disk / in-memory rollback", ROLLBACK,
+           r"in-memory policy: \*\*([\d.]+)\*\*", "<=", 0.25,
+           "issue 14 asks for the measurement; 0.25 proposed (the disk policy keeps no copy)"),
     Target("watch", "CPU of one core, following 10,000 lines/s", WATCH,
            r"Worst case: ([\d.]+) % of one core", "<=", 20.0, "issue 15 (< 20 %)", "%"),
     Target("demo", "exact match after training", DEMO,

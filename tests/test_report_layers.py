@@ -20,6 +20,7 @@ MODEL = {"finitetune.report.health", "finitetune.report.stats", "finitetune.repo
          "finitetune.report.rules.base", "finitetune.report.rules.nonfinite",
          "finitetune.report.rules.progress", "finitetune.report.run_status"}
 LOADING = {"finitetune.report.records", "finitetune.report.names", "finitetune.report.fmt",
+           "finitetune.report.history",
            "finitetune.report.console", "finitetune.report.fragments",
            "finitetune.report.load", "finitetune.report.run_reader",
            "finitetune.report.tensorboard", "finitetune.report.trackers",

@@ -105,7 +105,9 @@ def test_train_and_verify_build_their_trainers_with_the_same_function(
     """``verify`` must prove the wiring users run: both go through one builder, and what it
     builds carries the guard (with attribution), the safe loss and the metrics writer."""
     from finitetune.guard.attribution import Attributor
+    from finitetune.guard.bad_batches import BadSampleRecorder
     from finitetune.integrations import trainer as wiring
+    from finitetune.integrations.checkpoint_callback import CheckpointCallback
     from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.metrics import MetricsCallback
     from finitetune.loss import SafeCausalLMLoss
@@ -132,7 +134,9 @@ def test_train_and_verify_build_their_trainers_with_the_same_function(
     assert [d for d, _ in built] == [str(run), str(tmp_path / "verify")]
     for _, trainer in built:
         callbacks = trainer.callback_handler.callbacks
-        assert {GuardCallback, MetricsCallback} <= {type(cb) for cb in callbacks}
+        assert {GuardCallback, CheckpointCallback, MetricsCallback} <= {
+            type(cb) for cb in callbacks}
         guard_cb = next(cb for cb in callbacks if isinstance(cb, GuardCallback))
-        assert isinstance(guard_cb.on_fault, Attributor)
+        assert isinstance(guard_cb.on_fault, BadSampleRecorder)  # bad samples remembered, then
+        assert isinstance(guard_cb.on_fault.inner, Attributor)  # attribution
         assert isinstance(trainer.compute_loss_func, SafeCausalLMLoss)

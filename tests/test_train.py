@@ -228,11 +228,15 @@ def test_guarded_main_job_halts_on_a_poisoned_model_and_keeps_every_file(
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all(m["loss"] is None and m["loss_nonfinite"] == "nan" for m in metrics)
     assert metrics[-1]["guard/skipped"] == 6
-    # no step was applied: the model did not train, so there is no final/ to mistake for it
+    # a halted run hands on no model: no final/, and no checkpoint of the poisoned state
     assert not (out / "final").exists()
+    assert not list(out.glob("checkpoint-*"))
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "halted" and status["step"] == 6
     assert "training halted at step 6" in status["error"]
+    # the weights, not the data, were at fault: no sample is blamed for it
+    bad = [json.loads(line) for line in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert bad and all(b["cause"] == "nonfinite_state" for b in bad)
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "unhealthy"
     assert (out / "eval.json").is_file() and (out / "report.md").is_file()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["PRECISION_ALIASES", "GuardPolicy", "LabelPolicy", "Precision", "RankMismatchAction",
-           "SpikeAction", "StrChoice", "Template", "Truncation"]
+__all__ = ["PRECISION_ALIASES", "BadSampleSkip", "GuardPolicy", "LabelPolicy", "Precision",
+           "RankMismatchAction", "RollbackSource", "SpikeAction", "StrChoice", "Template",
+           "Truncation"]
 
 
 class StrChoice(str, Enum):
@@ -68,6 +69,31 @@ class SpikeAction(StrChoice):
     """Restore the last good snapshot, multiply the learning rate by ``lr_backoff``, drop the batch."""
     HALT = "halt"
     """Stop training."""
+
+
+class RollbackSource(StrChoice):
+    """Where a ``rollback`` restores the last good state from."""
+
+    MEMORY = "memory"
+    """A copy of the trainable parameters and their optimizer state kept next to them (RAM or
+    GPU), refreshed after every good step: instant, costs one copy of the trainable state."""
+    DISK = "disk"
+    """The newest proven checkpoint the run saved (``save_steps``): no extra memory; costs a
+    load, and the steps since that checkpoint are redone with the next data (their batches
+    are skipped)."""
+
+
+class BadSampleSkip(StrChoice):
+    """Which remembered samples (``bad_samples.jsonl``) later batches leave out."""
+
+    OFF = "off"
+    """Remember them, skip nothing."""
+    CULPRITS = "culprits"
+    """The samples attribution's replay found non-finite; the step's samples when it found none."""
+    STEP = "step"
+    """Every sample of a step skipped or rolled back for a fault."""
+    WINDOW = "window"
+    """Those, plus the samples of ``bad_sample_window`` steps before and after it."""
 
 
 class Template(StrChoice):

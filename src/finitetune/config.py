@@ -25,10 +25,12 @@ from enum import Enum
 from typing import Any
 
 from finitetune.choices import PRECISION_ALIASES as PRECISION_ALIASES
+from finitetune.choices import BadSampleSkip as BadSampleSkip
 from finitetune.choices import GuardPolicy as GuardPolicy
 from finitetune.choices import LabelPolicy as LabelPolicy
 from finitetune.choices import Precision as Precision
 from finitetune.choices import RankMismatchAction as RankMismatchAction
+from finitetune.choices import RollbackSource as RollbackSource
 from finitetune.choices import SpikeAction as SpikeAction
 from finitetune.choices import StrChoice as StrChoice
 from finitetune.choices import Template as Template
@@ -44,6 +46,13 @@ from finitetune.validation import (
     text,
     validate,
 )
+
+__all__ = [
+    "PRECISION_ALIASES", "BadSampleSkip", "DataConfig", "GuardConfig", "GuardPolicy",
+    "LabelPolicy", "Precision", "RankMismatchAction", "RollbackSource", "SpikeAction",
+    "StrChoice", "Template", "TrainConfig", "Truncation",
+]
+"""The settings and (re-exported from :mod:`finitetune.choices`) their closed choices."""
 
 
 @dataclass
@@ -130,6 +139,21 @@ class GuardConfig:
     rank_mismatch_action: RankMismatchAction | str = choice(RankMismatchAction.HALT)
     """On ``rank_mismatch``: ``halt`` (default: a drifted replica does not heal), ``skip``
     or ``warn``."""
+
+    rollback_to: RollbackSource | str = choice(RollbackSource.MEMORY)
+    """Where ``rollback`` restores from: ``memory`` (one in-memory copy of the trainable state)
+    or ``disk`` (the newest proven checkpoint of the run; for full fine-tunes too large to
+    copy). Needs checkpoints (``save_steps``); until the first one, a rollback is a skip."""
+
+    skip_bad_samples: BadSampleSkip | str = choice(BadSampleSkip.CULPRITS)
+    """On resume, on-disk rollback or a later epoch, leave out the remembered samples of steps
+    skipped or rolled back for a fault: ``culprits`` (the samples attribution's replay found
+    non-finite, else the whole step's), ``step``, ``window`` or ``off``. A step whose every
+    sample is left out trains on nothing and is skipped as ``no_valid_tokens``."""
+
+    bad_sample_window: int = integer(2, ge=0)
+    """With ``skip_bad_samples=window``: optimizer steps before and after a faulty one whose
+    samples are also remembered and left out."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -93,7 +93,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "--output-dir", *,
                      replace: bool = False, busy_hint: str = "choose another directory") -> None:
     """Raise :class:`OutputError` unless ``created_by`` may use ``path`` as its output directory.
 
-    ``resume``: it must be a directory ``created_by`` made, holding a checkpoint. ``replace``:
+    ``resume``: it must be a directory ``created_by`` made, holding a checkpoint (or killed
+    before its first one: its status still says running). ``replace``:
     a directory ``created_by`` made may be deleted and made again. Otherwise it must be new or
     empty; ``busy_hint`` says what to do when it holds an earlier output.
     """
@@ -115,7 +116,9 @@ def check_output_dir(path: str | os.PathLike, what: str = "--output-dir", *,
                 f"--resume: {path} is not a run directory created by {created_by} (no "
                 f"{run_files.OWNER_MARKER} of its own); --resume only continues such a "
                 "directory and never writes into another folder")
-        if not run_files.checkpoints(path):
+        # a run killed before its first save (status still "running") starts again from 0
+        if not run_files.checkpoints(path) and (
+                run_files.read_status(path) != run_files.RunState.RUNNING):
             raise OutputError(f"--resume: no checkpoint-* folder in {path}; the run saved "
                               "none (see --save-steps), so it can only be started again")
         return

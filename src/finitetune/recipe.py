@@ -41,7 +41,6 @@ from finitetune.run_writer import (
     make_run_dir,
     record_outcome,
     save_final,
-    trim_after_checkpoint,
 )
 
 log = logging.getLogger("finitetune")
@@ -218,7 +217,7 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     # the device the Trainer will use: use_cpu=True unless CUDA (MPS is never picked here)
     plan = choose_precision(model, device=_train_device(), requested=cfg.precision)
     args = _checked_training_arguments(cfg, planned_steps(cfg, len(rows)), plan)
-    resume_from = _last_checkpoint(cfg)
+    _check_resumable(cfg)
 
     # 2. the run directory
     out = make_run_dir(cfg, label_report, label_summary, tokenizer)
@@ -232,7 +231,7 @@ def _run_training(cfg: TrainConfig) -> RunResult:
                        template=cfg.data.template)
     with record_outcome(out, result, write=main):  # status, eval and reports, also on failure
         _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
-                            eval_kwargs, result, args, resume_from)
+                            eval_kwargs, result, args)
     return result
 
 
@@ -254,29 +253,35 @@ def _checked_training_arguments(cfg: TrainConfig, steps: int, plan: Any) -> Any:
         raise ConfigError(f"transformers refuses these settings: {exc}") from None
 
 
-def _last_checkpoint(cfg: TrainConfig) -> str | None:
-    """With ``--resume``, the newest checkpoint of the run directory (checked to exist)."""
+def _check_resumable(cfg: TrainConfig) -> None:
+    """With ``--resume``, before anything is written: a healthy checkpoint exists, or the run
+    was killed before its first one (its status still says running: it starts again from step
+    0). A run that ended without a usable checkpoint is an error that changes nothing."""
     if not cfg.resume:
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
+        return
+    from finitetune.checkpoints import select_checkpoint
 
-    found = get_last_checkpoint(str(cfg.output_dir))
-    if found is None:
-        raise ConfigError(f"--resume: no checkpoint-* folder in {cfg.output_dir}")
-    return found
+    out = Path(str(cfg.output_dir))
+    chosen, rejected = select_checkpoint(out)  # reads only; resume.prepare_resume acts later
+    if chosen is not None or run_files.read_status(out) == run_files.RunState.RUNNING:
+        return
+    why = "; ".join(h.describe() for h in rejected)
+    raise ConfigError(f"--resume: no checkpoint-* folder in {out}" if not why else
+                      f"--resume: no healthy checkpoint in {out} ({why}); --overwrite starts "
+                      "the run again")
 
 
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
-                        result: RunResult, args: Any, resume_from: str | None) -> RunResult:
+                        result: RunResult, args: Any) -> RunResult:
     from finitetune import distributed
     from finitetune.evaluation import eval_loss, exact_match
+    from finitetune.integrations.checkpoint_callback import load_checkpoint_weights
     from finitetune.integrations.trainer import build_trainer
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
-    if resume_from is not None:
-        if main:
-            trim_after_checkpoint(out, resume_from)
-    elif cfg.eval_before and main:
+    resume = _resume_plan(out, main) if cfg.resume else None
+    resume_from = resume.path if resume is not None else None
+    if resume_from is None and cfg.eval_before and main and not (out / run_files.EVAL).exists():
         # the other ranks wait in the Trainer's first collective meanwhile
         result.eval_before = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
         result.eval_before["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
@@ -287,18 +292,19 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         pad_token_id=tokenizer.pad_token_id, guard=cfg.guard, attribution=cfg.attribution,
         sources={r["index"]: r["source"] for r in rows if r.get("source")})
     start = time.perf_counter()
-    trained = False  # final/ only from a model that trained: never from one that did not
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
-        trained = True
-    except NonFiniteHalt as exc:  # the guard kept the last applied step's state: if there is one
-        trained = exc.diagnosis.get("last_good_step") is not None
-        raise
+        if resume is not None and resume.checkpoint is not None and (
+                resume.step >= trainer.state.max_steps > 0 or resume.step >= args.max_steps > 0):
+            # killed after its last checkpoint: train nothing more (not one step past the end)
+            load_checkpoint_weights(trainer, resume.checkpoint.path)
+            trainer.state.global_step = resume.step
+        else:
+            trainer.train(resume_from_checkpoint=resume_from)
     finally:
         result.train_seconds = round(time.perf_counter() - start, 2)
         result.global_step = trainer.state.global_step
-        if main and trained:
-            save_final(trainer, tokenizer, out)
+    if main:  # only after training finished: a halted or failed run leaves no final/
+        _save_final_if_finite(trainer, tokenizer, out)
     if not main:
         return result  # evaluation (generation) runs on rank 0 only
     print(f"finitetune: trained {result.global_step} steps in {result.train_seconds:.1f} s",
@@ -307,6 +313,33 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     result.eval_after["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
     _print_eval("after", result.eval_after)
     return result
+
+
+def _resume_plan(out: Path, main: bool) -> Any:
+    """``--resume``: rank 0 picks the newest healthy checkpoint (sets aside the others, repairs
+    and trims the logs); every rank gets its choice (COLLECTIVE when distributed)."""
+    from finitetune import distributed
+    from finitetune.checkpoints import inspect_checkpoint
+    from finitetune.resume import ResumePlan, prepare_resume
+
+    plan = prepare_resume(out) if main else ResumePlan(None)  # logs what it chose and why
+    path = distributed.broadcast_object(plan.path)  # the others wait for rank 0's renames
+    if not main and path is not None:
+        plan.checkpoint = inspect_checkpoint(path, scan=False)
+    return plan
+
+
+def _save_final_if_finite(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """``final/`` only from a finite model (a NaN model is never handed on as the result)."""
+    from finitetune.guard.state_check import check_state
+
+    check = check_state(trainer.model, collective=False)  # rank 0 only; replicated weights
+    if not check.finite:
+        raise NonFiniteHalt(f"training ended with NaN/inf in {', '.join(check.nonfinite[:3])}: "
+                            "final/ was NOT written; resume from the last healthy checkpoint "
+                            "(`finitetune train --resume`) with a lower learning rate",
+                            {"nonfinite_weights": check.nonfinite[:20]})
+    save_final(trainer, tokenizer, out)
 
 
 def _print_eval(when: str, ev: dict) -> None:

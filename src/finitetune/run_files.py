@@ -56,6 +56,17 @@ TRAINER_STATE = "trainer_state.json"
 """The Trainer's own state file (top level or inside a checkpoint)."""
 REPORT_MD, REPORT_JSON, REPORT_HTML = "report.md", "report.json", "report.html"
 """The health report in its three forms."""
+BAD_SAMPLES = "bad_samples.jsonl"
+"""One line per optimizer step skipped or rolled back for a fault: its sample ids (and source
+lines). Never trimmed on resume: a resumed or restarted run skips these samples."""
+CHECKPOINT_MARKER = "finitetune_checkpoint.json"
+"""Inside a ``checkpoint-<step>`` folder: written last, after finitetune checked the saved state
+finite; records the file sizes, so a later truncation is noticed without reading the tensors."""
+PARTIAL_PREFIX = "partial-"
+"""``partial-checkpoint-<step>``: a checkpoint a crash left half-written, set aside on resume
+(renamed, not deleted; the Trainer's rotation and resume no longer see it)."""
+NONFINITE_PREFIX = "nonfinite-"
+"""``nonfinite-checkpoint-<step>``: a checkpoint holding NaN/inf, set aside on resume."""
 
 OWNER_MARKER = ".finitetune-run.json"
 """Written first into every directory finitetune creates (run directory, ``verify`` output):
@@ -101,6 +112,14 @@ class RunState(str, Enum):
     """The guard stopped training (``NonFiniteHalt``); the error says why."""
     FAILED = "failed"
     """An error stopped the run after it started; the error names it."""
+
+
+def read_status(run_dir: str | os.PathLike) -> RunState | None:
+    """The ``state`` of ``run_dir``'s :data:`STATUS` (None: no file, or unreadable)."""
+    try:
+        return RunState(json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))["state"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ------------------------------------------------------------------------- JSON lines --

@@ -136,6 +136,8 @@ def _samples(event: dict[str, Any]) -> list[str]:
 
 def format_event(event: dict[str, Any], run_dir: Path) -> str:
     """The readable block of one event."""
+    if event.get("kind") in ("checkpoint", "resume"):  # saves refused, resumes, rollbacks
+        return f"{event.get('message') or event.get('action')}"
     head = (f"step {event.get('step', '?')}: {event.get('action', event.get('kind', 'event'))}"
             f" ({event.get('reason') or 'no reason'})  grad_norm {_num(event, 'grad_norm')}  "
             f"loss {_num(event, 'loss')}")
@@ -190,6 +192,13 @@ def explain(path: str | Path) -> str:
             str(e.get("action") or e.get("kind")), 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in kinds.items())
     blocks = [format_event(e, run_dir) for e in events]
+    bad = run_files.read_jsonl(run_dir / run_files.BAD_SAMPLES, run_files.Tolerance.TOLERANT)
+    if bad.records:
+        from finitetune.report.history import bad_sample_line
+
+        blocks.append("remembered bad samples (bad_samples.jsonl; left out of later batches "
+                      "as guard.skip_bad_samples says):\n" + "\n".join(
+            f"  {bad_sample_line(e)}" for e in bad.records))
     return f"{run_dir}: {len(events)} guard events ({summary})\n\n" + "\n\n".join(blocks) + "\n"
 
 

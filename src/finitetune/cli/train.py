@@ -52,10 +52,18 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--guard-policy": ("guard.policy", str, "skip, rollback or halt"),
     "--deepspeed": ("deepspeed", str, "DeepSpeed JSON config (ZeRO stage 1-3); launch with "
                                       "torchrun, deepspeed or accelerate launch"),
+    "--guard-rollback-to": ("guard.rollback_to", str,
+                            "memory (a copy of the trainable state) or disk (the newest healthy "
+                            "checkpoint; needs --save-steps)"),
+    "--skip-bad-samples": ("guard.skip_bad_samples", str,
+                           "samples of faulty steps left out on resume: off, culprits, step, "
+                           "window"),
+    "--save-total-limit": ("save_total_limit", int, "checkpoints kept (the newest healthy one "
+                                                    "always survives)"),
 }
 SWITCHES: dict[str, tuple[str, bool, str]] = {
-    "--resume": ("resume", True, "continue from the newest checkpoint in --output-dir (a run "
-                                 "directory finitetune train created)"),
+    "--resume": ("resume", True, "continue from the newest healthy checkpoint in --output-dir "
+                                 "(a run directory finitetune train created)"),
     "--overwrite": ("overwrite", True, "replace --output-dir if finitetune train created it "
                                        "(never a folder of yours)"),
     "--trust-remote-code": ("trust_remote_code", True, "allow the model's own Python code"),

@@ -140,8 +140,9 @@ class Guard:
         self.replicated_grads = self._grad_replicas is None
         self._grad_stats = GradStats(params)
         self.rank_check = RankCheck.for_layout(self.config, self.replicated_grads, params)
-        self._snapshot = (Snapshot(params, self.inner_optimizer)
-                          if self.config.needs_snapshots else None)
+        in_memory = self.config.needs_snapshots and self.config.rollback_to == "memory"
+        self._snapshot = (getattr(self, "snapshot_override", None)  # DiskRollback.attach
+                          or (Snapshot(params, self.inner_optimizer) if in_memory else None))
         self._n_opt_params = self._count_opt_params()
 
     def _count_opt_params(self) -> int:

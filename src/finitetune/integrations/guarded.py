@@ -150,11 +150,12 @@ def guard_of(trainer: Any) -> Any:
 
 
 def _bind_callbacks(trainer: Any) -> None:
-    from finitetune.integrations.hf import GuardCallback
-
+    """``set_trainer(trainer)`` on every callback that has one (``GuardCallback``,
+    ``CheckpointCallback``, ...) and is not bound to it yet."""
     for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, GuardCallback) and cb.trainer is not trainer:
-            cb.set_trainer(trainer)
+        bind = getattr(cb, "set_trainer", None)
+        if callable(bind) and getattr(cb, "trainer", None) is not trainer:
+            bind(trainer)
 
 
 def install_construction_hook(auto_attach: Callable[[Any], None] | None = None) -> None:

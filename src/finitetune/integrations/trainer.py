@@ -3,8 +3,9 @@
 ``finitetune train`` and ``finitetune verify`` both build their Trainers here, so ``verify``
 proves the exact wiring users run: the safe loss as ``compute_loss_func`` (fp32, token-mean
 over the accumulation window, 0 on an empty window instead of NaN), the collator that carries
-sample ids, ``GuardCallback`` with attribution, and the ``metrics.jsonl`` writer fed by the
-loss tracker summed over ranks. The callback order matters: the guard's counters must be in a
+sample ids (leaving out the samples of earlier faulty steps), ``GuardCallback`` with
+attribution, ``CheckpointCallback`` (no poisoned checkpoint, healthy resume, on-disk
+rollback), and the ``metrics.jsonl`` writer fed by the loss tracker summed over ranks. The callback order matters: the guard's counters must be in a
 log dict before the metrics line is written from it.
 """
 
@@ -47,6 +48,9 @@ def build_trainer(
     from finitetune.data.collate import CausalLMCollator
     from finitetune.distributed import AllRanksWindow
     from finitetune.guard.attribution import Attributor
+    from finitetune.guard.bad_batches import BadSampleMemory, BadSampleRecorder
+    from finitetune.integrations import kill_points
+    from finitetune.integrations.checkpoint_callback import CheckpointCallback
     from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.metrics import MetricsCallback
     from finitetune.loss import SafeCausalLMLoss
@@ -54,15 +58,21 @@ def build_trainer(
     out = Path(args.output_dir)
     tracker = SafeCausalLMLoss() if (safe_loss or guard is not None) else None
     callbacks: list[Any] = []
+    # sample ids ride in each batch only when the guard is there to pop them
+    collator: Any = CausalLMCollator(pad_token_id, sample_ids=guard is not None)
     if guard is not None:
-        on_fault = Attributor(model, out, sources=sources) if attribution else None
-        callbacks = [GuardCallback(guard, output_dir=str(out), on_fault=on_fault,
-                                   attribution=attribution),
-                     MetricsCallback(out / run_files.METRICS, tracker=AllRanksWindow(tracker))]
+        attributor = Attributor(model, out, sources=sources) if attribution else None
+        # bad samples remembered (bad_samples.jsonl) and left out of later batches
+        memory = BadSampleMemory(out, mode=guard.skip_bad_samples, window=guard.bad_sample_window,
+                                 accumulation=args.gradient_accumulation_steps, sources=sources)
+        collator = memory.wrap(collator)
+        callbacks = [GuardCallback(guard, output_dir=str(out), attribution=attribution,
+                                   on_fault=BadSampleRecorder(memory, attributor)),
+                     CheckpointCallback(out, config=guard, memory=memory),
+                     MetricsCallback(out / run_files.METRICS, tracker=AllRanksWindow(tracker)),
+                     *kill_points.from_env()]
     trainer = (trainer_cls or Trainer)(
-        model=model, args=args, train_dataset=train_dataset,
-        # sample ids ride in each batch only when the guard is there to pop them
-        data_collator=CausalLMCollator(pad_token_id, sample_ids=guard is not None),
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator,
         compute_loss_func=tracker, callbacks=callbacks,
     )
     return trainer, tracker

@@ -24,8 +24,8 @@ from typing import Any
 
 from finitetune.errors import ConfigError
 
-__all__ = ["PRIVATE_TRAINER_SEAMS", "TESTED_TRANSFORMERS", "TESTED_TRL", "check_trainer",
-           "missing_decision_error", "versions_note"]
+__all__ = ["CHECKPOINT_SEAMS", "PRIVATE_TRAINER_SEAMS", "TESTED_TRANSFORMERS", "TESTED_TRL",
+           "check_checkpoint_seams", "check_trainer", "missing_decision_error", "versions_note"]
 
 TESTED_TRANSFORMERS = "5.24"
 """The transformers release line the Trainer integration is tested with (pyproject pins it)."""
@@ -40,6 +40,29 @@ PRIVATE_TRAINER_SEAMS: dict[str, tuple[str, ...] | None] = {
 }
 """The private Trainer methods the guard overrides (in ``GuardedTrainerMixin``) and the private
 attribute it reads: the ONE list, checked by :func:`check_trainer` at the start of training."""
+
+CHECKPOINT_SEAMS: dict[str, tuple[str, ...]] = {
+    "_save_checkpoint": ("self", "model", "trial"),  # wrapped: the one door of every save
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),  # called: rollback
+}
+"""The private Trainer methods :class:`~finitetune.integrations.checkpoint_callback.
+CheckpointCallback` wraps or calls (no poisoned checkpoint, on-disk rollback), checked by
+:func:`check_checkpoint_seams` when it binds."""
+
+
+def check_checkpoint_seams(trainer: Any) -> None:
+    """Refuse a Trainer whose checkpoint methods are not the tested ones: a save wrapper that
+    never runs would let a poisoned state reach the disk."""
+    from transformers import Trainer
+
+    for name, params in CHECKPOINT_SEAMS.items():
+        base = Trainer.__dict__.get(name)
+        got = tuple(inspect.signature(base).parameters) if base is not None else None
+        if got != params:
+            raise ConfigError(f"CheckpointCallback needs transformers.Trainer.{name}"
+                              f"({', '.join(params)}), found "
+                              f"{'nothing' if got is None else '(' + ', '.join(got) + ')'}. "
+                              f"{versions_note()}")
 
 
 def versions_note() -> str:

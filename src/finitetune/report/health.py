@@ -213,4 +213,7 @@ def guard_summary(log: ParsedLog, skipped: list[float | None], keys: set[str]) -
         "events": len(log.events), "by_kind": dict(kinds), "by_reason": dict(reasons),
         "skipped_entries": sum(1 for v in skipped if v), "counters": counters,
         "empty_microbatches": sum(empty) if empty else None,
+        # checkpoints refused / restored, resumes, remembered bad samples (report.history)
+        "checkpoint_events": [e for e in log.events if e.get("kind") in ("checkpoint", "resume")],
+        "bad_samples": log.bad_samples,
     }

@@ -37,6 +37,8 @@ class ParsedLog:
     """The Trainer's end-of-training dict (``train_runtime``, ``train_loss``...)."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """Guard events (finitetune's ``events.jsonl``) and skips a console log announced."""
+    bad_samples: list[dict[str, Any]] = field(default_factory=list)
+    """``bad_samples.jsonl``: the samples of steps skipped or rolled back for a fault."""
     eval: dict[str, Any] | None = None
     labels: dict[str, Any] | None = None
     vocab_size: int | None = None

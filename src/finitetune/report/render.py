@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from finitetune.jsonio import dumps_strict
 from finitetune.report.fmt import count, num, step, value
+from finitetune.report.history import history_items
 
 if TYPE_CHECKING:
     from finitetune.report.health import HealthReport
@@ -173,6 +174,9 @@ def sections(r: HealthReport) -> list[tuple[str, list[Block]]]:
     out: list[tuple[str, list[Block]]] = [("Summary", summary)]
     out += _metric_sections(r)
     out += _guard_section(r)
+    history = history_items(r.guard)  # refused saves, resumes, rollbacks, remembered samples
+    if history:
+        out.append(("Checkpoints, restarts and skipped samples", [("ul", history)]))
     if r.labels:
         out.append(("Labels", [("ul", [_label_item(k, v) for k, v in r.labels.items()])]))
     if r.before is not None:

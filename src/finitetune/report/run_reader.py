@@ -34,6 +34,8 @@ def load_run_dir(path: str | os.PathLike) -> ParsedLog:
     events = run_files.read_jsonl(path / run_files.EVENTS, run_files.Tolerance.TOLERANT,
                                   decode=True)
     log.events, log.notes = events.records, [*log.notes, *events.notes]
+    bad = run_files.read_jsonl(path / run_files.BAD_SAMPLES, run_files.Tolerance.TOLERANT)
+    log.bad_samples, log.notes = bad.records, [*log.notes, *bad.notes]
     log.eval = _read_json(path / run_files.EVAL, log)
     log.labels = _read_json(path / run_files.LABEL_REPORT, log)
     log.status = _read_json(path / run_files.STATUS, log)

@@ -183,11 +183,13 @@ def quiet(threads: int | None = None) -> Iterator[None]:
 def build_trainer(
     setup: Setup, out: Path, rows: list[dict], steps: int, *, guard: Any = None,
     safe_loss: bool = False, lr: float = LR, schedule: str = "constant", warmup_steps: int = 0,
+    save_steps: int = 0,
 ) -> tuple[Any, Any]:
     """A Trainer on a fresh copy of the model, wired by the same
     :func:`finitetune.integrations.trainer.build_trainer` as ``finitetune train``; ``guard``
-    (a GuardConfig) adds the guard, attribution and the metrics writer. Returns (trainer, loss
-    tracker or None)."""
+    (a GuardConfig) adds the guard, attribution and the metrics writer; ``save_steps`` > 0
+    saves checkpoints (the on-disk rollback needs them). Returns (trainer, loss tracker or
+    None)."""
     from transformers import PrinterCallback, TrainingArguments
 
     from finitetune.integrations import trainer as wiring
@@ -195,7 +197,9 @@ def build_trainer(
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
         learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=warmup_steps,
-        max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", report_to=[],
+        max_grad_norm=MAX_GRAD_NORM, logging_steps=1, report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        save_total_limit=2,
         use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=SEED,
         data_seed=SEED, remove_unused_columns=False, dataloader_num_workers=0,
     )

@@ -331,6 +331,12 @@ WARMUP = 10
 LR_STEPS = 30
 
 
+def divergence_guard(**overrides: Any) -> GuardConfig:
+    """The guard settings of :func:`lr_divergence` (``rollback_to="disk"``: the on-disk policy)."""
+    return GuardConfig(**{"policy": "rollback", "spike_action": "rollback", "spike_warmup": 4,
+                          "lr_backoff": 0.03, **overrides})
+
+
 def lr_divergence(setup: Setup, root: Path) -> ScenarioResult:
     """A peak learning rate of 1.0 (300x the healthy one), reached by a 10-step warm-up.
 
@@ -341,8 +347,7 @@ def lr_divergence(setup: Setup, root: Path) -> ScenarioResult:
     then falls well below where it started. (With a milder back-off, e.g. 0.1, the LR stays
     high enough for the loss to wander and the report rightly says it is not decreasing.)
     """
-    cfg = GuardConfig(policy="rollback", spike_action="rollback", spike_warmup=4,
-                      lr_backoff=0.03)
+    cfg = divergence_guard()
     kw: dict[str, Any] = dict(lr=DIVERGENT_LR, schedule="constant_with_warmup",
                               warmup_steps=WARMUP)
     rows = setup.take(LR_STEPS * BATCH)
