@@ -11,7 +11,9 @@ was):
   when the directory is made. Only such a directory is replaced (``--overwrite``) or resumed
   (``--resume``); a user's folder is never written into or deleted;
 - the directory that will receive a new file or folder must exist somewhere up the path as a
-  directory this process may write.
+  directory this process may write;
+- a directory another process is writing right now (it holds :class:`RunLock`) is neither
+  resumed, replaced nor reused until that process ends.
 
 Pure Python (no torch): ``report`` uses it.
 """
@@ -19,16 +21,26 @@ Pure Python (no torch): ``report`` uses it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a live run is then not detected
+    fcntl = None  # type: ignore[assignment]
 
 from finitetune import run_files
 from finitetune.errors import OutputError
 from finitetune.jsonio import file_kind, write_text_atomic
 
 STDOUT = "-"
+log = logging.getLogger("finitetune")
 
 
 def _writable_ancestor(path: Path, what: str) -> None:
@@ -88,6 +100,57 @@ def is_owned(path: str | os.PathLike, created_by: str | None = None) -> bool:
     return owner == created_by
 
 
+class RunLock:
+    """The lock a process holds on the directory it is writing (:data:`~finitetune.run_files.
+    RUN_LOCK`), so that a second ``finitetune train --resume`` or ``--overwrite`` (or a second
+    ``verify``) on it stops with a clear error instead of trimming or deleting the files of a
+    run that is still going. ``with RunLock(path, "finitetune train"):`` takes it (or raises
+    :class:`OutputError` naming the holder) and keeps it to the end of the block. An exclusive
+    ``flock`` on the file: the kernel releases it when the process exits, even on SIGKILL, so
+    there is never a stale lock to clean up. Advisory, and only on POSIX systems."""
+
+    def __init__(self, path: str | os.PathLike, command: str) -> None:
+        self.path = Path(path)
+        self.command = command
+        self._fh: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        lock = self.path / run_files.RUN_LOCK
+        fh = open(lock, "a+", encoding="utf-8")  # held until __exit__
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            holder = run_files.lock_holder(self.path) or "another process"
+            raise OutputError(_busy(self.path, holder)) from None
+        except OSError as exc:  # a file system without locks (some network mounts): go on
+            fh.close()
+            log.warning("finitetune: cannot lock %s (%s); a second --resume or --overwrite "
+                        "on it will not be stopped while this run goes on", lock, exc)
+            return self
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"command": self.command, "pid": os.getpid(),
+                             "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()  # closing the descriptor releases the lock
+
+
+def _busy(path: Path, holder: str) -> str:
+    return (f"{path} is in use: {holder} is writing it now. Wait for that run to end (or stop "
+            "it) before --resume or --overwrite, or choose another directory")
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "--output-dir", *,
                      created_by: str = "finitetune train", resume: bool = False,
                      replace: bool = False, busy_hint: str = "choose another directory") -> None:
@@ -110,6 +173,9 @@ def check_output_dir(path: str | os.PathLike, what: str = "--output-dir", *,
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {path}: cannot write in it (permission denied)")
     owned = is_owned(path, created_by)
+    holder = run_files.lock_holder(path) if owned else None
+    if holder is not None:
+        raise OutputError(_busy(path, holder))
     if resume:
         if not owned:
             raise OutputError(

@@ -223,20 +223,20 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     loss, loss_line = choose_loss(model, cfg.loss, args=args)
     _check_resumable(cfg)
 
-    # 2. the run directory
-    out = make_run_dir(cfg, label_report, label_summary, tokenizer)
-    main = distributed.is_main_process()
-    if main:
-        print(f"finitetune: precision: {plan}", flush=True)
-        print(f"finitetune: loss: {loss_line}", flush=True)
-        write_json_atomic(out / run_files.PRECISION, plan.to_dict())
-    result = RunResult(output_dir=out)
-    eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
-                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
-                       template=cfg.data.template)
-    with record_outcome(out, result, write=main):  # status, eval and reports, also on failure
-        _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
-                            eval_kwargs, result, args, loss)
+    # 2. the run directory, held by rank 0 (its RunLock) until the reports are written
+    with make_run_dir(cfg, label_report, label_summary, tokenizer) as out:
+        main = distributed.is_main_process()
+        if main:
+            print(f"finitetune: precision: {plan}", flush=True)
+            print(f"finitetune: loss: {loss_line}", flush=True)
+            write_json_atomic(out / run_files.PRECISION, plan.to_dict())
+        result = RunResult(output_dir=out)
+        eval_kwargs = dict(max_length=cfg.data.max_length - cfg.eval_max_new_tokens,
+                           max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
+                           template=cfg.data.template)
+        with record_outcome(out, result, write=main):  # status, eval and reports, also on failure
+            _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
+                                eval_kwargs, result, args, loss)
     return result
 
 

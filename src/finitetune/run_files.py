@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from finitetune.errors import ReportInputError
-from finitetune.jsonio import decode_nonfinite, write_text_atomic
+from finitetune.jsonio import decode_nonfinite, file_kind, write_text_atomic
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a live run is then not detected
+    fcntl = None  # type: ignore[assignment]
 
 # ---------------------------------------------------------------------------- file names --
 CONFIG = "config.yaml"
@@ -72,6 +77,10 @@ OWNER_MARKER = ".finitetune-run.json"
 """Written first into every directory finitetune creates (run directory, ``verify`` output):
 who created it and when. Only a directory carrying it may be replaced (``--overwrite``) or
 resumed (``--resume``); a folder without it is never written into or deleted."""
+RUN_LOCK = ".finitetune-run.lock"
+"""Locked (``flock``) by the process writing the run directory, for as long as it writes;
+holds who that is. The lock, not the file, is what counts: the kernel drops it when the process
+ends, however it ends, so a killed run never leaves the directory locked."""
 STATUS = "status.json"
 """The run's state (:class:`RunState`), its last step and, when it failed, the error."""
 
@@ -120,6 +129,34 @@ def read_status(run_dir: str | os.PathLike) -> RunState | None:
         return RunState(json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))["state"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who is writing ``path`` now ("finitetune train, pid 4242 on node1, since ..."), or None
+    when no process holds its :class:`~finitetune.output_paths.RunLock` (a finished or killed
+    run included). Tells a run that is still going from one whose ``status.json`` says
+    running because its process was killed before it could say anything else."""
+    lock = Path(path) / RUN_LOCK
+    if fcntl is None or file_kind(lock) != "regular file":
+        return None
+    try:
+        with open(lock, encoding="utf-8") as fh:
+            try:  # a shared probe: two checks never block each other
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    who = json.loads(fh.read() or "{}")
+                except ValueError:
+                    who = {}
+                if not isinstance(who, dict):
+                    who = {}
+                return (f"{who.get('command', 'a finitetune process')}, pid "
+                        f"{who.get('pid', '?')} on {who.get('host', '?')}, since "
+                        f"{who.get('since', '?')}")
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
 
 
 # ------------------------------------------------------------------------- JSON lines --

@@ -99,9 +99,12 @@ def trim_after_checkpoint(out: Path, checkpoint: str | Path) -> None:
             log.warning("finitetune: resume: %s", note)
 
 
+@contextlib.contextmanager
 def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
-                 tokenizer: Any) -> Path:
-    """Rank 0 makes and fills the run directory; the others get its path (or its error).
+                 tokenizer: Any) -> Iterator[Path]:
+    """Rank 0 makes and fills the run directory and holds its
+    :class:`~finitetune.output_paths.RunLock` until the block ends (a second ``--resume`` or
+    ``--overwrite`` meanwhile is refused); the others get its path (or its error).
 
     COLLECTIVE (distributed only): one broadcast, which is also the barrier that keeps the
     other ranks from using the directory before it exists. An error on rank 0 travels in it,
@@ -111,24 +114,26 @@ def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
     from finitetune.errors import FinitetuneError
 
     found: tuple[str | None, str | None] = (None, None)
-    if distributed.is_main_process():
-        try:
-            out = prepare_output_dir(cfg)
-            write_status(out, run_files.RunState.RUNNING)
-            write_text_atomic(out / run_files.CONFIG,
-                              yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            write_json_atomic(out / run_files.LABEL_REPORT, {**label_report.to_dict(),
-                                                              "policy": label_summary})
-            tokenizer.save_pretrained(out / run_files.TOKENIZER_DIR)
-            found = (str(out), None)
-        except (FinitetuneError, OSError) as exc:
-            if not distributed.is_distributed():
-                raise
-            found = (None, f"rank 0: {exc}")
-    path, error = distributed.broadcast_object(found)
-    if error is not None:
-        raise ConfigError(error)
-    return Path(path)
+    with contextlib.ExitStack() as held:
+        if distributed.is_main_process():
+            try:
+                out = prepare_output_dir(cfg)
+                held.enter_context(output_paths.RunLock(out, "finitetune train"))
+                write_status(out, run_files.RunState.RUNNING)
+                write_text_atomic(out / run_files.CONFIG,
+                                  yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                write_json_atomic(out / run_files.LABEL_REPORT, {**label_report.to_dict(),
+                                                                  "policy": label_summary})
+                tokenizer.save_pretrained(out / run_files.TOKENIZER_DIR)
+                found = (str(out), None)
+            except (FinitetuneError, OSError) as exc:
+                if not distributed.is_distributed():
+                    raise
+                found = (None, f"rank 0: {exc}")
+        path, error = distributed.broadcast_object(found)
+        if error is not None:
+            raise ConfigError(error)
+        yield Path(path)
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:

@@ -7,7 +7,8 @@ event, otherwise at most every ``max(--interval, 10 x the last analysis time)`` 
 huge log never makes the watcher itself the bottleneck.
 
 Exit codes: 1 as soon as the verdict reaches ``--exit-on`` (so a job script can stop a burning
-run), else, when a finitetune run ends (its report.json appears) or nothing new arrived for
+run), else, when a finitetune run ends (its report.json appears, or its process died: no one
+holds its lock, and the last verdict says it did not finish) or nothing new arrived for
 ``--idle-exit`` seconds, the verdict's code (0 healthy, 1 unhealthy); 2 for a path that cannot
 be read; 130 on Ctrl-C.
 """
@@ -92,6 +93,16 @@ def _loop(args: argparse.Namespace, follower, live: bool) -> int:
             if view is not None:
                 view.update(report, follower)
             if not dirty and report is not None and follower.ended():
+                if follower.log.status is not None:  # its writer died: the last word says so
+                    report = analyse(follower.log, vocab_size=args.vocab_size,
+                                     max_grad_norm=args.max_grad_norm)
+                    if not live:  # the final verdict and its reasons, changed or not
+                        from finitetune.report.live import change_line
+
+                        print(change_line(report, verdict if report.verdict != verdict
+                                          else None), flush=True)
+                    if view is not None:
+                        view.update(report, follower)
                 return report.exit_code()
             if args.idle_exit and now - last_new >= args.idle_exit and not dirty:
                 return report.exit_code() if report is not None else 0

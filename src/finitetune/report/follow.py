@@ -240,8 +240,22 @@ class Follower:
         return True
 
     def ended(self) -> bool:
-        """A finitetune run directory says it ended: its final report was written."""
-        return self._mode == "run_dir" and (self.path / run_files.REPORT_JSON).is_file()
+        """A finitetune run directory says it ended: its final report was written, or the
+        process writing it is gone without writing one (killed: its lock file is there and no
+        process holds it). In that case ``log.status`` is read, so that the last analysis says
+        the run did not finish."""
+        if self._mode != "run_dir":
+            return False
+        if (self.path / run_files.REPORT_JSON).is_file():
+            return True
+        if not (self.path / run_files.RUN_LOCK).is_file() or run_files.lock_holder(self.path):
+            return False  # still being written (or by a version without the lock: wait)
+        try:
+            status = json.loads((self.path / run_files.STATUS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            status = None
+        self.log.status = status if isinstance(status, dict) else {"state": "running"}
+        return True
 
     def close(self) -> None:
         for tail in self._tails.values():

@@ -46,6 +46,8 @@ class ParsedLog:
     status: dict[str, Any] | None = None
     """A finitetune run's ``status.json``: ``state`` (running/completed/halted/failed), ``step``,
     ``error``. A failed or halted run is never healthy."""
+    writer: str | None = None
+    """Who holds the run directory's lock right now (a run still going), else None."""
     lines: int = 0
     notes: list[str] = field(default_factory=list)
 

@@ -39,6 +39,7 @@ def load_run_dir(path: str | os.PathLike) -> ParsedLog:
     log.eval = _read_json(path / run_files.EVAL, log)
     log.labels = _read_json(path / run_files.LABEL_REPORT, log)
     log.status = _read_json(path / run_files.STATUS, log)
+    log.writer = run_files.lock_holder(path)
     _read_config(path, log)
     return log
 

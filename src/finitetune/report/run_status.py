@@ -2,8 +2,9 @@
 
 A run that failed after it started, or that the guard halted, is unhealthy whatever its logged
 steps look like: the report opens with ``FAILED at step N: <error>``. A run still marked
-``running`` did not finish (or is still going): a warning. Kept apart from ``rules.py`` so the
-run-directory contract (written by ``run_writer.write_status``) has one reader.
+``running`` is still going if a process holds the directory's lock (``run_files.lock_holder``),
+else it was killed: a warning either way, each saying which. Kept apart from ``rules.py`` so
+the run-directory contract (written by ``run_writer.write_status``) has one reader.
 """
 
 from __future__ import annotations
@@ -24,12 +25,22 @@ def run_status_findings(c: Any) -> list[dict[str, Any]]:
                          "The run stopped before it finished (status.json records why); its "
                          "logged steps cannot make it healthy.",
                          "the error above; `finitetune explain` for the guard's events.")]
+    if state == "running" and c.log.writer:
+        return [_finding("run_in_progress", "warning",
+                         f"The run is still going (step {step} when status.json was written)",
+                         f"{c.log.writer} holds the run directory's lock: this report "
+                         "shows the steps logged so far, not a finished run.",
+                         "again when it ends, or follow it live with `finitetune watch`.")]
     if state == "running":
         return [_finding("run_unfinished", "warning",
-                         f"The run did not finish: status.json says running (step {step})",
-                         "Either it is still training, or its process was killed.",
-                         "whether the process is alive; `finitetune train --resume` continues "
-                         "it from its last checkpoint.")]
+                         f"The run did not finish: its process ended at or after step {step} "
+                         "without recording an outcome",
+                         "status.json still says running and no process holds the run "
+                         "directory's lock: the process was killed (SIGKILL, the OOM killer, "
+                         "a lost node) before it could write why it stopped.",
+                         "the job's scheduler or system log for why it was killed; "
+                         "`finitetune train --resume` continues it from its last "
+                         "healthy checkpoint.")]
     return []
 
 

@@ -18,6 +18,7 @@ The failures are numerical, not a matter of model size: the same Trainer code pa
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -75,9 +76,10 @@ def run_verify(
             print(text, file=stream, flush=True)
 
     start = time.perf_counter()
+    held = contextlib.ExitStack()  # the output directory's RunLock, once it is made
     try:
         results, minimal, minimal_ok = _run_scenarios(model, data, steps, chosen, root,
-                                                      output_dir is not None, say)
+                                                      output_dir is not None, say, held)
         seconds = time.perf_counter() - start
         info = {"model": model, "data": data, "steps": steps, "seconds": round(seconds, 1),
                 "output_dir": str(root) if output_dir else None}
@@ -97,6 +99,7 @@ def run_verify(
                             minimal=minimal, seconds=seconds,
                             output_dir=root if output_dir else None, data=payload)
     finally:
+        held.close()
         if not output_dir:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -118,8 +121,11 @@ def _prepare_root(output_dir: str | None) -> Path:
 
 
 def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], root: Path,
-                   kept: bool, say: Callable[..., None]) -> tuple[list[Any], Any, bool]:
-    """The minimal guarded run, then each chosen scenario; prints as it goes."""
+                   kept: bool, say: Callable[..., None], held: contextlib.ExitStack,
+                   ) -> tuple[list[Any], Any, bool]:
+    """The minimal guarded run, then each chosen scenario; prints as it goes. A kept output
+    directory is made here, once the model and data loaded, and its lock entered into
+    ``held`` (the caller releases it after writing ``verify.json``)."""
     from finitetune.config import GuardConfig
     from finitetune.verify import render
     from finitetune.verify.harness import BATCH, LR, prepare_setup, quiet, run_arm
@@ -129,10 +135,11 @@ def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], 
     need = max(STEPS, LR_STEPS, steps) * BATCH
     with quiet():
         setup = prepare_setup(model, data=data, rows_needed=need)
-    if kept:
-        from finitetune.output_paths import prepare_output_dir
+    if kept:  # locked while this verify writes it: a second one does not delete it meanwhile
+        from finitetune.output_paths import RunLock, prepare_output_dir
 
         prepare_output_dir(root, "--output-dir", _CREATOR, replace=True)
+        held.enter_context(RunLock(root, _CREATOR))
     with quiet(setup.threads):
         say(f"finitetune verify: {model} ({setup.n_params / 1e6:.1f}M params, vocab "
             f"{setup.vocab_size}) on {setup.task}; batch {BATCH}, CPU, "
