@@ -81,6 +81,51 @@ def test_a_halt_returns_exit_code_3(tmp_path):
         (2, "halt")]
 
 
+# The program's own fault: its callback turns one weight +inf after optimizer step 3 (a bug
+# finitetune does not see as a NaN gradient); it saves every 2 steps and keeps 1 checkpoint.
+POISON = SCRIPT.replace('save_strategy="no"', 'save_strategy="steps", save_steps=2, '
+                        'save_total_limit=1').replace(
+    "Trainer(model=model, args=args, train_dataset=rows).train()", textwrap.dedent('''
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[Poison()]).train()
+    '''))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_poisoned_state_never_reaches_a_checkpoint_of_a_program_run(tmp_path, guarded):
+    # Must (guarded): the saves at steps 4 and 6 are refused (events name the pinned
+    # checkpoint-2), rotation keeps checkpoint-2, no checkpoint holds a NaN/inf. The control
+    # (--no-guard) shows the fault: the Trainer saves the poisoned state and deletes checkpoint-2.
+    from finitetune import run_files
+    from finitetune.checkpoints import scan_nonfinite
+
+    script = tmp_path / "train.py"
+    script.write_text(POISON)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "finitetune", "run", "--no-report",
+           *([] if guarded else ["--no-guard"]), "--", sys.executable, str(script), str(out), "6"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = [p.name for p in run_files.checkpoints(out)]
+    if not guarded:
+        assert kept == ["checkpoint-6"] and scan_nonfinite(out / "checkpoint-6")
+        return
+    assert kept == ["checkpoint-2"]
+    assert all(scan_nonfinite(p) == [] for p in out.glob("*checkpoint-*"))
+    refused = [e for e in _lines(out / "events.jsonl") if e.get("action") == "save_refused"]
+    assert [(e["step"], e["pinned"]) for e in refused] == [(4, "checkpoint-2"),
+                                                           (6, "checkpoint-2")]
+
+
 def test_a_program_without_a_trainer_keeps_its_exit_code(tmp_path, capsys):
     assert main(["run", "--", sys.executable, "-c", "raise SystemExit(7)"]) == 7
     assert "nothing was guarded" in capsys.readouterr().err

@@ -10,6 +10,9 @@ imports ``transformers.trainer``: only then (an import hook that fires once) is
 already has them:
 
 - a ``GuardCallback`` built from the run's settings (policy, config, attribution, events dir);
+- a ``CheckpointCallback`` (with the guard): a save whose weights or optimizer state hold a
+  NaN/inf is refused and the last healthy checkpoint pinned against ``save_total_limit``;
+  ``resume_from_checkpoint=True`` picks the newest healthy one; ``rollback_to: disk`` works;
 - a ``MetricsCallback`` writing ``metrics.jsonl`` next to ``events.jsonl`` (for the report);
 - a ``FaultInjector`` for ``--inject`` specs;
 - a :class:`~finitetune.integrations.run_manifest.RunRecorder` that appends the Trainer's run
@@ -87,6 +90,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def attach(trainer: Any) -> None:
     """Give a newly constructed Trainer the run's callbacks (see the module docstring)."""
+    from finitetune.integrations.checkpoint_callback import CheckpointCallback
     from finitetune.integrations.hf import GuardCallback
     from finitetune.integrations.metrics import MetricsCallback
     from finitetune.integrations.run_callbacks import FaultInjector, RunRecorder
@@ -102,6 +106,9 @@ def attach(trainer: Any) -> None:
     elif guard_cb is not None:
         events_dir = Path(guard_cb.output_dir or trainer.args.output_dir)
         _say(trainer, "the program has its own GuardCallback: its settings are kept")
+    if guard_cb is not None and not any(isinstance(cb, CheckpointCallback)
+                                        for cb in handler.callbacks):
+        handler.add_callback(CheckpointCallback(s.get("events_dir"), config=guard_cb.config))
     if not any(isinstance(cb, MetricsCallback) for cb in handler.callbacks):
         handler.add_callback(MetricsCallback(events_dir / "metrics.jsonl"))
     injector = FaultInjector(s["inject"]) if s["inject"] else None
