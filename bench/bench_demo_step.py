@@ -38,25 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-class _StepTimer:
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-        class _CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                timer._t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                timer.times.append(time.perf_counter() - timer._t0)
-
-        self.callback = _CB()
-
-
 def _build(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    from bench.common import StepTimer
     from finitetune.cli.train import resolve_config
     from finitetune.data.collate import CausalLMCollator
     from finitetune.data.pipeline import load_data_records, prepare_rows
@@ -87,7 +70,7 @@ def _build(args: argparse.Namespace) -> tuple[dict, dict, dict]:
         # the Trainer `finitetune train` builds (guard, attribution, metrics, checkpoints)
         trainers[name], _ = build_trainer(model, targs, rows, pad_token_id=tokenizer.pad_token_id,
                                           guard=cfg.guard, attribution=cfg.attribution, loss=loss)
-        timers[name] = _StepTimer()
+        timers[name] = StepTimer()
         trainers[name].add_callback(timers[name].callback)
         info["precision"] = str(plan)
     info["collator"] = CausalLMCollator(tokenizer.pad_token_id)

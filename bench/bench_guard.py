@@ -28,30 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-class _StepTimer:
-    """Trainer callback: wall time of each optimizer step."""
-
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class _CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                timer._t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                timer.times.append(time.perf_counter() - timer._t0)
-
-        self.callback = _CB()
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-
 def _build(args: argparse.Namespace):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
+    from bench.common import StepTimer
     from finitetune import GuardCallback
 
     torch.manual_seed(0)
@@ -69,7 +50,7 @@ def _build(args: argparse.Namespace):
     for name in ("A", "B"):
         model = LlamaForCausalLM(cfg)
         model.load_state_dict(base.state_dict())
-        timer = _StepTimer()
+        timer = StepTimer()
         callbacks = [timer.callback] + ([GuardCallback()] if name == "B" else [])
         targs = TrainingArguments(
             output_dir=os.path.join(out, name), max_steps=args.steps,

@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -62,3 +63,23 @@ def append_result(title: str, rows_markdown: str) -> Path:
         f.write(section)
         fcntl.flock(f, fcntl.LOCK_UN)
     return RESULTS
+
+
+class StepTimer:
+    """Trainer callback (``.callback``): wall time of each optimizer step, in ``.times``."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                timer._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                timer.times.append(time.perf_counter() - timer._t0)
+
+        self.callback = _CB()
+        self.times: list[float] = []
+        self._t0 = 0.0
