@@ -186,3 +186,21 @@ def test_a_file_system_without_locks_warns_and_does_not_stop_the_run(tmp_path, m
     with caplog.at_level("WARNING", logger="finitetune"), RunLock(run, "finitetune train"):
         pass
     assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_copied_run_directory_is_not_called_killed(tmp_path):
+    """A run directory rsync'ed from the node where it trains carries a lock file that nobody
+    holds here: the report must not call that run killed, and watch must keep waiting."""
+    from finitetune.report import health_report
+    from finitetune.report.follow import Follower
+
+    run = _unfinished_run(tmp_path / "run")
+    (run / run_files.RUN_LOCK).write_text(json.dumps(
+        {"command": "finitetune train", "pid": 4242, "host": "gpu-node-17", "since": "x"}))
+    assert lock_holder(run) is None and not run_files.writer_gone(run)
+    finding = {f.rule: f for f in health_report(run).findings}["run_unfinished"]
+    assert "cannot tell" in finding.detail and "killed (SIGKILL" not in finding.detail
+    follower = Follower(run)
+    follower.poll()
+    assert not follower.ended()
+    follower.close()

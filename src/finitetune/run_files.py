@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -131,6 +132,14 @@ def read_status(run_dir: str | os.PathLike) -> RunState | None:
         return None
 
 
+def _lock_record(fh: Any) -> dict[str, Any]:
+    try:
+        who = json.loads(fh.read() or "{}")
+    except ValueError:
+        return {}
+    return who if isinstance(who, dict) else {}
+
+
 def lock_holder(path: str | os.PathLike) -> str | None:
     """Who is writing ``path`` now ("finitetune train, pid 4242 on node1, since ..."), or None
     when no process holds its :class:`~finitetune.output_paths.RunLock` (a finished or killed
@@ -144,12 +153,7 @@ def lock_holder(path: str | os.PathLike) -> str | None:
             try:  # a shared probe: two checks never block each other
                 fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                try:
-                    who = json.loads(fh.read() or "{}")
-                except ValueError:
-                    who = {}
-                if not isinstance(who, dict):
-                    who = {}
+                who = _lock_record(fh)
                 return (f"{who.get('command', 'a finitetune process')}, pid "
                         f"{who.get('pid', '?')} on {who.get('host', '?')}, since "
                         f"{who.get('since', '?')}")
@@ -157,6 +161,23 @@ def lock_holder(path: str | os.PathLike) -> str | None:
     except OSError:
         return None
     return None
+
+
+def writer_gone(path: str | os.PathLike) -> bool:
+    """Whether the process that wrote ``path`` has certainly ended: its lock file is there,
+    was taken on this machine, and nobody holds it. False when that cannot be known here: no
+    lock file (a directory from a finitetune without run locks), a lock taken on another host
+    (a run directory copied or mounted from where it trains: a lock does not travel), or no
+    advisory locks on this system."""
+    lock = Path(path) / RUN_LOCK
+    if fcntl is None or file_kind(lock) != "regular file" or lock_holder(path) is not None:
+        return False
+    try:
+        with open(lock, encoding="utf-8") as fh:
+            host = _lock_record(fh).get("host")
+    except OSError:
+        return False
+    return host == socket.gethostname()
 
 
 # ------------------------------------------------------------------------- JSON lines --

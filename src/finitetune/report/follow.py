@@ -241,15 +241,15 @@ class Follower:
 
     def ended(self) -> bool:
         """A finitetune run directory says it ended: its final report was written, or the
-        process writing it is gone without writing one (killed: its lock file is there and no
-        process holds it). In that case ``log.status`` is read, so that the last analysis says
-        the run did not finish."""
+        process writing it is gone without writing one (killed: :func:`~finitetune.run_files.
+        writer_gone`). In that case ``log.status`` is read, so that the last analysis says the
+        run did not finish."""
         if self._mode != "run_dir":
             return False
         if (self.path / run_files.REPORT_JSON).is_file():
             return True
-        if not (self.path / run_files.RUN_LOCK).is_file() or run_files.lock_holder(self.path):
-            return False  # still being written (or by a version without the lock: wait)
+        if not run_files.writer_gone(self.path):
+            return False  # still being written, or that cannot be known from here: wait
         try:
             status = json.loads((self.path / run_files.STATUS).read_text(encoding="utf-8"))
         except (OSError, ValueError):

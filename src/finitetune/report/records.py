@@ -48,6 +48,8 @@ class ParsedLog:
     ``error``. A failed or halted run is never healthy."""
     writer: str | None = None
     """Who holds the run directory's lock right now (a run still going), else None."""
+    writer_gone: bool = False
+    """The process that wrote the run directory has certainly ended (``run_files.writer_gone``)."""
     lines: int = 0
     notes: list[str] = field(default_factory=list)
 

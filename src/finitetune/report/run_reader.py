@@ -40,6 +40,7 @@ def load_run_dir(path: str | os.PathLike) -> ParsedLog:
     log.labels = _read_json(path / run_files.LABEL_REPORT, log)
     log.status = _read_json(path / run_files.STATUS, log)
     log.writer = run_files.lock_holder(path)
+    log.writer_gone = log.writer is None and run_files.writer_gone(path)
     _read_config(path, log)
     return log
 

@@ -3,7 +3,8 @@
 A run that failed after it started, or that the guard halted, is unhealthy whatever its logged
 steps look like: the report opens with ``FAILED at step N: <error>``. A run still marked
 ``running`` is still going if a process holds the directory's lock (``run_files.lock_holder``),
-else it was killed: a warning either way, each saying which. Kept apart from ``rules.py`` so
+was killed if the lock was taken here and is free (``run_files.writer_gone``), else either: a
+warning in each case, saying which. Kept apart from ``rules.py`` so
 the run-directory contract (written by ``run_writer.write_status``) has one reader.
 """
 
@@ -31,6 +32,14 @@ def run_status_findings(c: Any) -> list[dict[str, Any]]:
                          f"{c.log.writer} holds the run directory's lock: this report "
                          "shows the steps logged so far, not a finished run.",
                          "again when it ends, or follow it live with `finitetune watch`.")]
+    if state == "running" and not c.log.writer_gone:
+        return [_finding("run_unfinished", "warning",
+                         f"The run did not finish: status.json says running (step {step})",
+                         "Either it is still training where it was started, or its process was "
+                         "killed: this machine cannot tell (no run lock here, or one taken on "
+                         "another host).",
+                         "whether the process is alive; `finitetune train --resume` continues "
+                         "it from its last healthy checkpoint.")]
     if state == "running":
         return [_finding("run_unfinished", "warning",
                          f"The run did not finish: its process ended at or after step {step} "
