@@ -126,6 +126,27 @@ def test_a_poisoned_state_never_reaches_a_checkpoint_of_a_program_run(tmp_path, 
                                                            (6, "checkpoint-2")]
 
 
+@pytest.mark.slow
+def test_rollback_to_disk_restores_a_program_s_own_checkpoint(tmp_path):
+    # Fault: NaN gradient at step 5; guard policy rollback with rollback_to: disk, the program
+    # saving every 2 steps. Must: step 5 is rolled back to checkpoint-2 (the newest healthy one
+    # older than the state that failed), restored from disk, and the run goes on to step 8.
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.replace('save_strategy="no"', 'save_strategy="steps", save_steps=2'))
+    (tmp_path / "g.yaml").write_text("guard:\n  policy: rollback\n  rollback_to: disk\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "finitetune", "run", "--no-report", "--config",
+           str(tmp_path / "g.yaml"), "--inject", "nan_grad@5", "--", sys.executable, str(script),
+           str(out), "8"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = _lines(out / "events.jsonl")
+    assert [(e["step"], e["action"], e.get("checkpoint")) for e in events] == [
+        (5, "restored", "checkpoint-2"), (5, "rollback", None)]
+    assert max(m["step"] for m in _lines(out / "metrics.jsonl")) == 8
+
+
 def test_a_program_without_a_trainer_keeps_its_exit_code(tmp_path, capsys):
     assert main(["run", "--", sys.executable, "-c", "raise SystemExit(7)"]) == 7
     assert "nothing was guarded" in capsys.readouterr().err
