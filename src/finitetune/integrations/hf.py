@@ -141,6 +141,7 @@ class GuardCallback(TrainerCallback, ExportableState):
                   if isinstance(cb, GuardCallback) and cb is not self]
         if others:
             raise ConfigError("this Trainer has more than one GuardCallback; keep one.")
+        self._check_disk_rollback(trainer)
         previous = trainer.__dict__.pop("_finitetune_session", None)
         if previous is not None:
             previous.close()
@@ -155,6 +156,22 @@ class GuardCallback(TrainerCallback, ExportableState):
         # bound late (the callback reached the Trainer some other way): no train() wrapper
         # will raise the halt, so on_train_end does
         self._raise_at_end = not trainer.__dict__.get("_finitetune_in_train", False)
+
+    def _check_disk_rollback(self, trainer: Any) -> None:
+        """``rollback_to='disk'`` restores the checkpoints a ``CheckpointCallback`` keeps;
+        without one set the same way every rollback would silently be a skip."""
+        if not (self.config.needs_snapshots and self.config.rollback_to == "disk"):
+            return
+        from finitetune.integrations.checkpoint_callback import CheckpointCallback
+
+        if not any(isinstance(cb, CheckpointCallback) and cb.config.rollback_to == "disk"
+                   for cb in trainer.callback_handler.callbacks):
+            raise ConfigError(
+                "GuardConfig(rollback_to='disk') rolls back to the run's checkpoints, which "
+                "CheckpointCallback checks and restores, but this Trainer has no "
+                "CheckpointCallback with rollback_to='disk': add "
+                "CheckpointCallback(config=<the same GuardConfig>) to its callbacks, or use "
+                "rollback_to='memory'")
 
     def _make_guard(self, trainer: Any, args: Any, state: Any) -> Guard:
         optimizer = trainer.optimizer
