@@ -204,3 +204,27 @@ def test_a_copied_run_directory_is_not_called_killed(tmp_path):
     follower.poll()
     assert not follower.ended()
     follower.close()
+
+
+def test_verify_holds_its_output_directory_while_it_writes(tmp_path, monkeypatch):
+    """`verify --output-dir` takes the lock once the directory is made and lets it go at the
+    end, also when a scenario fails (the first arm is stopped here on purpose)."""
+    import io
+
+    from finitetune.verify import harness, run_verify
+
+    out = tmp_path / "v"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def first_arm(*args, **kwargs):
+        seen.append(lock_holder(out))
+        raise Stop
+
+    monkeypatch.setattr(harness, "run_arm", first_arm)
+    with pytest.raises(Stop):
+        run_verify("tiny", steps=2, output_dir=str(out), out=io.StringIO())
+    assert seen and f"finitetune verify, pid {os.getpid()}" in (seen[0] or "")
+    assert lock_holder(out) is None
