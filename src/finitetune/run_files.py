@@ -124,20 +124,44 @@ class RunState(str, Enum):
     """An error stopped the run after it started; the error names it."""
 
 
+def status_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``run_dir``'s :data:`STATUS` as a dict (None: no file, or not a JSON object)."""
+    try:
+        data = json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_status(run_dir: str | os.PathLike) -> RunState | None:
     """The ``state`` of ``run_dir``'s :data:`STATUS` (None: no file, or unreadable)."""
     try:
-        return RunState(json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))["state"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return RunState((status_record(run_dir) or {})["state"])
+    except (KeyError, ValueError, TypeError):
         return None
 
 
-def _lock_record(fh: Any) -> dict[str, Any]:
+def _probe_lock(path: str | os.PathLike) -> tuple[bool, dict[str, Any]] | None:
+    """(whether a process holds :data:`RUN_LOCK` now, the record of the last one that took
+    it); None without a lock file, or without advisory locks on this system. A shared probe:
+    two checks never block each other."""
+    lock = Path(path) / RUN_LOCK
+    if fcntl is None or file_kind(lock) != "regular file":
+        return None
     try:
-        who = json.loads(fh.read() or "{}")
-    except ValueError:
-        return {}
-    return who if isinstance(who, dict) else {}
+        with open(lock, encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = False
+            except BlockingIOError:
+                held = True
+            try:
+                record = json.loads(fh.read() or "{}")
+            except ValueError:  # being written by the process that just took it
+                record = {}
+    except OSError:
+        return None
+    return held, record if isinstance(record, dict) else {}
 
 
 def lock_holder(path: str | os.PathLike) -> str | None:
@@ -145,22 +169,12 @@ def lock_holder(path: str | os.PathLike) -> str | None:
     when no process holds its :class:`~finitetune.output_paths.RunLock` (a finished or killed
     run included). Tells a run that is still going from one whose ``status.json`` says
     running because its process was killed before it could say anything else."""
-    lock = Path(path) / RUN_LOCK
-    if fcntl is None or file_kind(lock) != "regular file":
+    probe = _probe_lock(path)
+    if probe is None or not probe[0]:
         return None
-    try:
-        with open(lock, encoding="utf-8") as fh:
-            try:  # a shared probe: two checks never block each other
-                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                who = _lock_record(fh)
-                return (f"{who.get('command', 'a finitetune process')}, pid "
-                        f"{who.get('pid', '?')} on {who.get('host', '?')}, since "
-                        f"{who.get('since', '?')}")
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    except OSError:
-        return None
-    return None
+    who = probe[1]
+    return (f"{who.get('command', 'a finitetune process')}, pid {who.get('pid', '?')} on "
+            f"{who.get('host', '?')}, since {who.get('since', '?')}")
 
 
 def writer_gone(path: str | os.PathLike) -> bool:
@@ -169,15 +183,8 @@ def writer_gone(path: str | os.PathLike) -> bool:
     lock file (a directory from a finitetune without run locks), a lock taken on another host
     (a run directory copied or mounted from where it trains: a lock does not travel), or no
     advisory locks on this system."""
-    lock = Path(path) / RUN_LOCK
-    if fcntl is None or file_kind(lock) != "regular file" or lock_holder(path) is not None:
-        return False
-    try:
-        with open(lock, encoding="utf-8") as fh:
-            host = _lock_record(fh).get("host")
-    except OSError:
-        return False
-    return host == socket.gethostname()
+    probe = _probe_lock(path)
+    return probe is not None and not probe[0] and probe[1].get("host") == socket.gethostname()
 
 
 # ------------------------------------------------------------------------- JSON lines --

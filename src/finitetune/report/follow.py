@@ -250,11 +250,7 @@ class Follower:
             return True
         if not run_files.writer_gone(self.path):
             return False  # still being written, or that cannot be known from here: wait
-        try:
-            status = json.loads((self.path / run_files.STATUS).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            status = None
-        self.log.status = status if isinstance(status, dict) else {"state": "running"}
+        self.log.status = run_files.status_record(self.path) or {"state": "running"}
         return True
 
     def close(self) -> None:
