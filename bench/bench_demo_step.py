@@ -43,12 +43,12 @@ def _build(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     from finitetune.cli.train import resolve_config
     from finitetune.data.collate import CausalLMCollator
     from finitetune.data.pipeline import load_data_records, prepare_rows
-    from finitetune.integrations.hidden_loss import choose_loss
-    from finitetune.integrations.trainer import build_trainer
-    from finitetune.loss import SafeCausalLMLoss
+    from finitetune.integrations.hf.hidden_loss import choose_loss
+    from finitetune.integrations.hf.trainer import build_trainer
+    from finitetune.loss.causal import SafeCausalLMLoss
     from finitetune.models import load_model, load_tokenizer, resolve_model
-    from finitetune.precision import choose_precision
-    from finitetune.recipe import _train_device, apply_lora, split_records, training_arguments
+    from finitetune.precision.policy import choose_precision
+    from finitetune.train.recipe import _train_device, apply_lora, split_records, training_arguments
 
     cfg = resolve_config(None, {"model": "demo", "max_steps": args.steps, "logging_steps": 1000})
     train_recs, _ = split_records(load_data_records(cfg.data, cfg.model, cfg.seed),
@@ -95,7 +95,7 @@ def _forward_backward(trainers: dict, info: dict, reps: int) -> dict[str, float]
     """
     import torch
 
-    from finitetune.integrations.lm_head import unwrap
+    from finitetune.integrations.hf.lm_head import unwrap
 
     batch = dict(info["collator"](info["rows"][:8]))
     labels = batch.pop("labels")

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from finitetune.integrations.hf import guard_of
+    from finitetune.integrations.hf.callback import guard_of
 
     trainers, timers, clip_time, n_params = _build(args)
     run_medians: dict[str, list[float]] = {"A": [], "B": []}

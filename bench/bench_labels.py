@@ -38,7 +38,7 @@ def main() -> None:
     from datasets import Dataset
 
     from finitetune import validate_labels
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
     from finitetune.data.tokenize import tokenize_records
     from finitetune.models import load_tokenizer, resolve_model
 

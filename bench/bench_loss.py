@@ -46,7 +46,7 @@ def _setup(args: argparse.Namespace):
 def _loss_fn(variant: str, args: argparse.Namespace):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from finitetune.loss import causal_lm_loss
+    from finitetune.loss.causal import causal_lm_loss
 
     if variant == "transformers":
         return lambda x, y: ForCausalLMLoss(x, y, x.shape[-1])

@@ -55,7 +55,7 @@ def _setup(args: argparse.Namespace, fraction: float, trainable: bool):
 def _loss_fn(variant: str):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from finitetune.loss import causal_lm_loss_from_hidden
+    from finitetune.loss.causal import causal_lm_loss_from_hidden
 
     if variant == "transformers":
         return lambda h, head, y: ForCausalLMLoss(head(h), y, head.out_features)

@@ -63,7 +63,7 @@ def _arm(args: argparse.Namespace) -> dict:
 
 
 def _build_model(root: Path, hidden: int, layers: int) -> Path:
-    from finitetune.models import build_tiny_model, train_tiny_tokenizer
+    from finitetune.builtin.models import build_tiny_model, train_tiny_tokenizer
 
     tok = train_tiny_tokenizer()
     heads = max(4, hidden // 64)

@@ -171,7 +171,7 @@ def _sync(a: argparse.Namespace) -> None:
 
 
 def _guard(trainer: Any) -> Any:
-    from finitetune.integrations.hf import guard_of
+    from finitetune.integrations.hf.callback import guard_of
 
     return guard_of(trainer)
 
@@ -185,7 +185,7 @@ def _fmt(x: float | None) -> str:
 
 def phase_plan(a: argparse.Namespace, res: Results) -> str:
     from finitetune.cli.env import versions
-    from finitetune.precision import choose_precision, describe_device
+    from finitetune.precision.policy import choose_precision, describe_device
 
     v = versions()
     res.add("versions", ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "accelerate",
@@ -259,7 +259,7 @@ def phase_overflow(a: argparse.Namespace, res: Results) -> None:
     import torch
 
     from finitetune.errors import NonFiniteHalt
-    from finitetune.precision import choose_precision
+    from finitetune.precision.policy import choose_precision
 
     model = overflow_model(a).to(a.device)
     batch = {k: torch.stack([r[k] for r in synthetic_data(a, 4)]).to(a.device)
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             "sequences.\n\n" + res.markdown())
     print(rows)
     if a.json_out:
-        from finitetune.jsonio import dumps_strict  # NaN -> null + flag, never a bare NaN
+        from finitetune.rundir.jsonio import dumps_strict  # NaN -> null + flag, never a bare NaN
 
         with open(a.json_out, "w", encoding="utf-8") as f:
             f.write(dumps_strict({"rows": [list(r) for r in res.rows], "data": res.data,

@@ -104,3 +104,4 @@ def test_modules_and_functions_stay_small():
                     too_long.append(f"{module}.{node.name}: {length} lines without a "
                                     f"'{LONG_REASON} <why>' comment")
     assert not too_long, "\n".join(too_long)
+

@@ -376,7 +376,7 @@ MARKER = ".finitetune-run.json"
 
 def _workspace(w: Path, case: Case) -> dict[str, str]:
     """The user's files every case sees (and must leave as they were)."""
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
 
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in tiny_task(48, seed=3)]
     (w / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

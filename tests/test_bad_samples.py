@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finitetune import run_files
 from finitetune.cli.main import main
 from finitetune.guard.bad_batches import BadSampleMemory, SkipSamples
+from finitetune.rundir import files as run_files
 
 
 def _collate(rows):
@@ -68,7 +68,7 @@ def test_a_fault_of_the_state_does_not_blame_the_data(tmp_path):
 
 
 def _poisoned_data(tmp_path: Path) -> tuple[Path, int]:
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
 
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in tiny_task(40, seed=7)]
     rows[20]["prompt"] = "~~~~ " + rows[20]["prompt"]  # "~" is in no other row

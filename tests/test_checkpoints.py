@@ -22,17 +22,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finitetune import run_files
-from finitetune.checkpoints import (
+from finitetune.errors import ConfigError
+from finitetune.guard.state_check import check_state
+from finitetune.rundir import files as run_files
+from finitetune.rundir.checkpoints import (
     Health,
     inspect_checkpoint,
     scan_nonfinite,
     select_checkpoint,
     write_marker,
 )
-from finitetune.errors import ConfigError
-from finitetune.guard.state_check import check_state
-from finitetune.resume import prepare_resume
+from finitetune.rundir.resume import prepare_resume
 
 
 def _fake_checkpoint(root: Path, step: int, *, marker: bool = False) -> Path:
@@ -181,11 +181,11 @@ class _InfWeightAt:
 def _trainer(tiny_model_dir, out: Path, *, guarded: bool, steps: int = 12, callbacks=()):
     from transformers import TrainingArguments
 
-    from finitetune.config import DataConfig, GuardConfig
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
     from finitetune.data.pipeline import prepare_rows
-    from finitetune.integrations.trainer import build_trainer
+    from finitetune.integrations.hf.trainer import build_trainer
     from finitetune.models import load_model, load_tokenizer
+    from finitetune.settings.config import DataConfig, GuardConfig
 
     tok = load_tokenizer(tiny_model_dir)
     rows, _, _ = prepare_rows(tiny_task(64, seed=3), tok, DataConfig(max_length=32))

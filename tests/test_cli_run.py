@@ -104,8 +104,8 @@ def test_a_poisoned_state_never_reaches_a_checkpoint_of_a_program_run(tmp_path, 
     # Must (guarded): the saves at steps 4 and 6 are refused (events name the pinned
     # checkpoint-2), rotation keeps checkpoint-2, no checkpoint holds a NaN/inf. The control
     # (--no-guard) shows the fault: the Trainer saves the poisoned state and deletes checkpoint-2.
-    from finitetune import run_files
-    from finitetune.checkpoints import scan_nonfinite
+    from finitetune.rundir import files as run_files
+    from finitetune.rundir.checkpoints import scan_nonfinite
 
     script = tmp_path / "train.py"
     script.write_text(POISON)

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def _data(tmp_path: Path) -> Path:
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n"

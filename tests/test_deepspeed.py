@@ -483,7 +483,7 @@ def test_deepspeed_config_checked_before_anything_is_written(tmp_path, monkeypat
                      "--output-dir", str(out)])
         assert code == 2 and not out.exists(), name
     from finitetune.errors import ConfigError
-    from finitetune.integrations.deepspeed import load_config
+    from finitetune.integrations.deepspeed.engine import load_config
 
     for name, text in expected.items():
         with pytest.raises(ConfigError, match=text):

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finitetune import run_files
-from finitetune.checkpoints import write_marker
 from finitetune.guard.disk_rollback import DiskRollback
 from finitetune.guard.snapshot import Snapshot
+from finitetune.rundir import files as run_files
+from finitetune.rundir.checkpoints import write_marker
 
 
 def _step(model, opt, sched, x):

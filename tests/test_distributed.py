@@ -23,7 +23,7 @@ from torch import nn
 
 from finitetune import Guard, GuardConfig
 from finitetune.guard.policy import Reason
-from finitetune.loss import causal_lm_loss
+from finitetune.loss.causal import causal_lm_loss
 from finitetune.testing import free_port, inject_nonfinite_grad, run_distributed
 
 VOCAB, SEQ = 32, 8
@@ -307,8 +307,8 @@ def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
 
     from finitetune import GuardCallback
     from finitetune.errors import ConfigError
-    from finitetune.integrations.hf import guard_of
-    from finitetune.loss import SafeCausalLMLoss
+    from finitetune.integrations.hf.callback import guard_of
+    from finitetune.loss.causal import SafeCausalLMLoss
     from finitetune.testing import GradFault
 
     rank = dist.get_rank()

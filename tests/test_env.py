@@ -7,8 +7,8 @@ from importlib import metadata
 
 import torch
 
-from finitetune import precision_probe
 from finitetune.cli.main import main
+from finitetune.precision import probe as precision_probe
 
 PACKAGES = ["python", "torch", "transformers", "peft", "accelerate", "datasets", "finitetune"]
 

@@ -21,8 +21,8 @@ def test_main_job_names_the_poisoned_sample_by_source_line_and_explain_shows_it(
     output embeddings, so NaN weight rows would poison every logit): the event of that step
     names the example's dataset index and ``file:line``; ``finitetune explain`` prints it."""
     import finitetune.models as models
-    from finitetune.data.demo import tiny_task
-    from finitetune.recipe import split_records
+    from finitetune.builtin.tasks import tiny_task
+    from finitetune.train.recipe import split_records
 
     records = [{"prompt": r["prompt"], "response": r["response"]} for r in tiny_task(40, seed=7)]
     train, _ = split_records([{"at": i} for i in range(40)], 8, 0)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from finitetune.foreach import all_finite, per_tensor_max_abs
+from finitetune.numerics.foreach import all_finite, per_tensor_max_abs
 
 
 def test_max_abs_per_tensor_in_order_across_dtype_groups():

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from finitetune import Guard, GuardConfig, NonFiniteHalt
 from finitetune.guard.policy import Action, Reason
-from finitetune.loss import causal_lm_loss
+from finitetune.loss.causal import causal_lm_loss
 from finitetune.testing import (
     GradFault,
     assert_same_state,

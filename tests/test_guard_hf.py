@@ -16,8 +16,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from finitetune import GuardCallback, GuardConfig, NonFiniteHalt
-from finitetune.integrations.hf import guard_of
-from finitetune.loss import causal_lm_loss
+from finitetune.integrations.hf.callback import guard_of
+from finitetune.loss.causal import causal_lm_loss
 from finitetune.testing import GradFault, LossScale, assert_same_state, count_host_syncs
 
 VOCAB, SEQ, BS = 64, 16, 2
@@ -306,7 +306,7 @@ def test_disk_rollback_without_a_disk_checkpoint_callback_stops_before_training(
     # would keep or restore the checkpoints, so every rollback would silently be a skip. Must:
     # train() refuses before step 1 and says what to add; the parameters are untouched.
     from finitetune.errors import ConfigError
-    from finitetune.integrations.checkpoint_callback import CheckpointCallback
+    from finitetune.integrations.hf.checkpoint_callback import CheckpointCallback
 
     extra = [] if checkpoint_config is None else [
         CheckpointCallback(config=GuardConfig(rollback_to=checkpoint_config))]

@@ -5,7 +5,6 @@ import math
 
 import pytest
 
-from finitetune.config import GuardConfig
 from finitetune.errors import ConfigError
 from finitetune.guard.policy import (
     Action,
@@ -17,6 +16,7 @@ from finitetune.guard.policy import (
     decide,
     robust_z,
 )
+from finitetune.settings.config import GuardConfig
 
 CLEAN = StepStats(grad_norm=1.0, loss=2.0, tokens=100, micro_batches=1)
 NO_SIGNALS = Signals()

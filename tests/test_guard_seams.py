@@ -26,8 +26,8 @@ from transformers import (
 
 from finitetune import GuardCallback, GuardConfig
 from finitetune.errors import ConfigError
-from finitetune.integrations.hf import GuardedTrainerMixin, guard_of, guarded
-from finitetune.integrations.trainer_seams import (
+from finitetune.integrations.hf.callback import GuardedTrainerMixin, guard_of, guarded
+from finitetune.integrations.hf.seams import (
     PRIVATE_TRAINER_SEAMS,
     TESTED_TRANSFORMERS,
     TESTED_TRL,

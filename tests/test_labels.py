@@ -9,10 +9,10 @@ import pytest
 
 from finitetune import validate_labels
 from finitetune.cli.main import main
-from finitetune.config import DataConfig
 from finitetune.data.collate import CausalLMCollator
 from finitetune.data.pipeline import prepare_rows, tokenize_with
 from finitetune.errors import LabelError
+from finitetune.settings.config import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_train_refuses_data_with_nothing_usable(tmp_path, tiny_model_dir, capsys
 
 
 def test_train_drops_bad_rows_and_says_how_many(tmp_path, tiny_model_dir, capsys):
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
 
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in tiny_task(40, seed=3)]
     for i in (0, 5, 9):

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from finitetune import causal_lm_loss
-from finitetune.loss import SafeCausalLMLoss, causal_lm_loss_parts
+from finitetune.loss.causal import SafeCausalLMLoss, causal_lm_loss_parts
 
 VOCAB = 64
 CHUNKS = [None, 5]  # 5 does not divide the row counts used below: ragged last chunk

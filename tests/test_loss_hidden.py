@@ -17,8 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from finitetune.loss import causal_lm_loss, causal_lm_loss_from_hidden
-from finitetune.loss_hidden import LMHead, LowRank
+from finitetune.loss.causal import causal_lm_loss, causal_lm_loss_from_hidden
+from finitetune.loss.hidden import LMHead, LowRank
 
 VOCAB, HID = 96, 32
 TOL = dict(atol=1e-5, rtol=1e-5)

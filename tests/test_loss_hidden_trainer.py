@@ -15,10 +15,10 @@ import transformers as T
 from peft import LoraConfig, get_peft_model
 
 from finitetune.errors import ConfigError
-from finitetune.integrations import lm_head as lm_head_mod
-from finitetune.integrations.hidden_loss import HiddenStateLoss, choose_loss
-from finitetune.integrations.lm_head import FAMILIES, UnsupportedModel
-from finitetune.loss import SafeCausalLMLoss
+from finitetune.integrations.hf import lm_head as lm_head_mod
+from finitetune.integrations.hf.hidden_loss import HiddenStateLoss, choose_loss
+from finitetune.integrations.hf.lm_head import FAMILIES, UnsupportedModel
+from finitetune.loss.causal import SafeCausalLMLoss
 
 VOCAB = 96
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -287,7 +287,7 @@ def test_trainer_run_equals_the_full_loss_run_with_guard_and_metrics(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from finitetune import GuardCallback
-    from finitetune.integrations.metrics import MetricsCallback
+    from finitetune.integrations.hf.metrics import MetricsCallback
 
     rows = [{k: v[r] for k, v in mb.items()} for mb in window() + window(seed=2) for r in range(2)]
 

@@ -9,8 +9,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from finitetune.data.collate import CausalLMCollator
-from finitetune.integrations.metrics import MetricsCallback
-from finitetune.loss import SafeCausalLMLoss
+from finitetune.integrations.hf.metrics import MetricsCallback
+from finitetune.loss.causal import SafeCausalLMLoss
 from finitetune.report import write_reports
 
 

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from finitetune import PrecisionPlan, choose_precision, precision_probe
-from finitetune import precision as P
+from finitetune import PrecisionPlan, choose_precision
 from finitetune.errors import ConfigError
+from finitetune.precision import policy as P
+from finitetune.precision import probe as precision_probe
 
 NO_AMX = {"amx_bf16": False, "avx512_bf16": True, "avx512_fp16": True}
 AMX = {"amx_bf16": True, "avx512_bf16": True, "avx512_fp16": True}

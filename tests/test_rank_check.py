@@ -18,7 +18,7 @@ from finitetune import Guard, GuardConfig
 from finitetune.errors import ConfigError
 from finitetune.guard.policy import Action, Decision, PolicyContext, Reason
 from finitetune.guard.rank_check import odd_ranks, resolve
-from finitetune.loss import causal_lm_loss
+from finitetune.loss.causal import causal_lm_loss
 from finitetune.testing import run_distributed
 
 VOCAB, SEQ = 32, 8

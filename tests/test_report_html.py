@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from finitetune.jsonio import append_jsonl
 from finitetune.report import health_report, to_html
 from finitetune.report.plots import figures
+from finitetune.rundir.jsonio import append_jsonl
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

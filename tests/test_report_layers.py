@@ -82,9 +82,9 @@ def test_no_report_module_imports_transformers_peft_accelerate_or_torch():
 
 def test_the_spike_rule_and_the_guard_share_one_robust_z_score():
     import finitetune.guard.policy as policy
-    import finitetune.robust_stats as robust
+    import finitetune.numerics.robust_stats as robust
 
     assert policy.robust_z is robust.robust_z
-    assert "finitetune.robust_stats.robust_scale" in MODULES["finitetune.report.rules.progress"]
+    assert "finitetune.numerics.robust_stats.robust_scale" in MODULES["finitetune.report.rules.progress"]
     assert robust.robust_z([1.0, 1.0, 1.0, 2.0], 1.5, 0.02) == robust.robust_scale(
         [1.0, 1.0, 1.0, 2.0], 0.02).z(1.5)

@@ -17,9 +17,9 @@ import pytest
 from finitetune import health_report
 from finitetune.cli.main import main
 from finitetune.errors import ReportInputError
-from finitetune.jsonio import append_jsonl, write_json_atomic
 from finitetune.report import console, to_markdown
 from finitetune.report import load as parse
+from finitetune.rundir.jsonio import append_jsonl, write_json_atomic
 
 LOGS = Path(__file__).parent / "data" / "logs"
 

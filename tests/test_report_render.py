@@ -12,8 +12,8 @@ import pytest
 
 from finitetune import health_report
 from finitetune.cli.main import main
-from finitetune.jsonio import append_jsonl, write_json_atomic
 from finitetune.report import report_dict, to_json, to_markdown, write_reports
+from finitetune.rundir.jsonio import append_jsonl, write_json_atomic
 
 LOGS = Path(__file__).parent / "data" / "logs"
 AFTER, BEFORE = str(LOGS / "seed_after.log"), str(LOGS / "seed_before.log")

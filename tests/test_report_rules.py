@@ -14,8 +14,8 @@ import pytest
 
 from finitetune import health_report
 from finitetune.cli.main import main
-from finitetune.jsonio import append_jsonl, write_json_atomic
 from finitetune.report.stats import theil_sen
+from finitetune.rundir.jsonio import append_jsonl, write_json_atomic
 
 NAN = float("nan")
 

@@ -10,9 +10,9 @@ import json
 import math
 
 from finitetune import health_report
-from finitetune.jsonio import append_jsonl
 from finitetune.report import to_markdown
 from finitetune.report.render import trend_text
+from finitetune.rundir.jsonio import append_jsonl
 
 NAN = math.nan
 

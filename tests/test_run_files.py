@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from finitetune import run_files
 from finitetune.errors import ReportInputError
-from finitetune.run_files import Tolerance, read_jsonl, trim_jsonl
+from finitetune.rundir import files as run_files
+from finitetune.rundir.files import Tolerance, read_jsonl, trim_jsonl
 
 GOOD = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": None, "loss_nonfinite": "nan"},
         {"step": 3, "loss": 1.5}]
@@ -106,11 +106,11 @@ def test_train_and_verify_build_their_trainers_with_the_same_function(
     builds carries the guard (with attribution), the safe loss and the metrics writer."""
     from finitetune.guard.attribution import Attributor
     from finitetune.guard.bad_batches import BadSampleRecorder
-    from finitetune.integrations import trainer as wiring
-    from finitetune.integrations.checkpoint_callback import CheckpointCallback
-    from finitetune.integrations.hf import GuardCallback
-    from finitetune.integrations.metrics import MetricsCallback
-    from finitetune.loss import SafeCausalLMLoss
+    from finitetune.integrations.hf import trainer as wiring
+    from finitetune.integrations.hf.callback import GuardCallback
+    from finitetune.integrations.hf.checkpoint_callback import CheckpointCallback
+    from finitetune.integrations.hf.metrics import MetricsCallback
+    from finitetune.loss.causal import SafeCausalLMLoss
 
     built: list[tuple[str, object]] = []
     real = wiring.build_trainer
@@ -122,7 +122,7 @@ def test_train_and_verify_build_their_trainers_with_the_same_function(
 
     monkeypatch.setattr(wiring, "build_trainer", spy)
     from finitetune.cli.main import main
-    from finitetune.config import GuardConfig
+    from finitetune.settings.config import GuardConfig
     from finitetune.verify.harness import build_trainer as verify_build
     from finitetune.verify.harness import prepare_setup
 

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from finitetune import run_files
 from finitetune.cli.main import main
 from finitetune.errors import OutputError
-from finitetune.output_paths import RunLock, check_output_dir, prepare_output_dir
-from finitetune.run_files import lock_holder
+from finitetune.rundir import files as run_files
+from finitetune.rundir.files import lock_holder
+from finitetune.rundir.paths import RunLock, check_output_dir, prepare_output_dir
 
 HOLD = """
 import sys, time
-from finitetune.output_paths import RunLock
+from finitetune.rundir.paths import RunLock
 with RunLock(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
     time.sleep(600)
@@ -87,7 +87,7 @@ def test_sigkill_leaves_no_stale_lock_and_verify_is_refused_meanwhile(tmp_path, 
 
 @pytest.mark.slow
 def test_second_train_on_a_live_run_stops_and_leaves_it_alone(tmp_path, tiny_model_dir, capsys):
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]})
@@ -176,7 +176,7 @@ def test_a_file_system_without_locks_warns_and_does_not_stop_the_run(tmp_path, m
                                                                       caplog):
     import errno
 
-    from finitetune import output_paths
+    from finitetune.rundir import paths as output_paths
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -14,7 +14,7 @@ from finitetune.cli.main import main
 
 
 def _data(tmp_path):
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n"
@@ -36,7 +36,7 @@ def test_a_run_that_fails_records_it_and_has_no_final(tmp_path, tiny_model_dir, 
     the run's settings and logged steps are kept."""
     from transformers import TrainerCallback
 
-    import finitetune.integrations.trainer as wiring
+    import finitetune.integrations.hf.trainer as wiring
 
     class Fail(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -107,7 +107,7 @@ def test_a_status_marked_running_is_a_warning_not_healthy(tmp_path):
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "dangling"])
 def test_the_atomic_writer_never_replaces_what_is_not_a_regular_file(tmp_path, kind):
     from finitetune.errors import OutputError
-    from finitetune.jsonio import write_text_atomic
+    from finitetune.rundir.jsonio import write_text_atomic
 
     target = tmp_path / "target"
     other = tmp_path / "other.txt"

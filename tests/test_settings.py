@@ -1,4 +1,4 @@
-"""The settings table (``finitetune.validation``): every field has a rule; the rules and the
+"""The settings table (``finitetune.settings.validation``): every field has a rule; the rules and the
 YAML reader do what the error messages promise."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import math
 import pytest
 import yaml
 
-from finitetune.config import (
+from finitetune.errors import ConfigError, SettingError, UnknownSettingError
+from finitetune.settings.config import (
     DataConfig,
     GuardConfig,
     Precision,
@@ -16,8 +17,7 @@ from finitetune.config import (
     TrainConfig,
     Truncation,
 )
-from finitetune.errors import ConfigError, SettingError, UnknownSettingError
-from finitetune.validation import build, rules_of
+from finitetune.settings.validation import build, rules_of
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, DataConfig, GuardConfig])
@@ -129,7 +129,7 @@ def test_python_api_names_the_keyword(tmp_path):
 def test_the_reliability_doc_lists_every_setting_with_its_range():
     from pathlib import Path
 
-    from finitetune.validation import settings_table
+    from finitetune.settings.validation import settings_table
 
     doc = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
     missing = [f"| `{name}` | {what} |" for name, what in settings_table(TrainConfig)

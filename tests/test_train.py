@@ -31,7 +31,7 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 
 def _tiny_rows(n: int = 64) -> list[dict]:
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
 
     return [{"prompt": r["prompt"], "response": r["response"]} for r in tiny_task(n, seed=7)]
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from finitetune import GuardCallback
-from finitetune.integrations.run_callbacks import FaultInjector
+from finitetune.integrations.launch.callbacks import FaultInjector
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

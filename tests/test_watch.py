@@ -16,8 +16,8 @@ import time
 import pytest
 
 from finitetune.cli.main import main
-from finitetune.jsonio import append_jsonl
 from finitetune.report.follow import Follower, TailFile
+from finitetune.rundir.jsonio import append_jsonl
 
 WRITER = r"""
 import sys, time, math

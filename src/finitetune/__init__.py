@@ -7,7 +7,10 @@ model) does not pay for importing torch and transformers.
 
 from __future__ import annotations
 
+from finitetune import _moved
 from finitetune._lazy import lazy_getattr
+
+_moved.install()  # the previous release's module paths keep importing, with a warning
 
 __version__ = "0.1.0"
 
@@ -15,14 +18,14 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "validate_labels": "finitetune.data.labels",
     "LabelReport": "finitetune.data.labels",
-    "causal_lm_loss": "finitetune.loss",
+    "causal_lm_loss": "finitetune.loss.causal",
     "Guard": "finitetune.guard.guard",
-    "GuardConfig": "finitetune.config",
+    "GuardConfig": "finitetune.settings.config",
     "StepOutcome": "finitetune.guard.policy",
-    "GuardCallback": "finitetune.integrations.hf",
+    "GuardCallback": "finitetune.integrations.hf.callback",
     "NonFiniteHalt": "finitetune.errors",
-    "choose_precision": "finitetune.precision",
-    "PrecisionPlan": "finitetune.precision",
+    "choose_precision": "finitetune.precision.policy",
+    "PrecisionPlan": "finitetune.precision.policy",
     "health_report": "finitetune.report.health",
     "HealthReport": "finitetune.report.health",
 }

@@ -51,8 +51,8 @@ _FLAGS = {"path": ("--data", "data"), "prompt_field": ("--prompt-field", "prompt
 
 def data_config(args: argparse.Namespace) -> Any:
     """The :class:`DataConfig` of the flags, checked by the same rules as ``train``'s."""
-    from finitetune.config import DataConfig
     from finitetune.errors import SettingError
+    from finitetune.settings.config import DataConfig
 
     try:
         return DataConfig(**{name: getattr(args, dest) for name, (_f, dest) in _FLAGS.items()})

@@ -51,8 +51,8 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     """Everything ``finitetune env`` prints, as a dict. Precision errors are kept, not raised."""
     import torch
 
-    from finitetune.precision import FP16_MAX, choose_precision, describe_device
-    from finitetune.precision_probe import call_or_default
+    from finitetune.precision.policy import FP16_MAX, choose_precision, describe_device
+    from finitetune.precision.probe import call_or_default
 
     report: dict[str, Any] = {
         "versions": versions(),
@@ -148,7 +148,7 @@ def render(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     # the plan's warnings are in the report already; do not print them twice on stderr
-    logger = logging.getLogger("finitetune.precision")
+    logger = logging.getLogger("finitetune.precision.policy")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         logger.setLevel(level)
     if args.json:
-        from finitetune.jsonio import dumps_strict
+        from finitetune.rundir.jsonio import dumps_strict
 
         print(dumps_strict(report, indent=2))
     else:

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finitetune import run_files
 from finitetune.errors import ReportInputError
-from finitetune.jsonio import file_kind
+from finitetune.rundir import files as run_files
+from finitetune.rundir.jsonio import file_kind
 
 _SHOW = 5
 

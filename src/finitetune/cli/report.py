@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:  # and NaN
         raise ReportInputError(f"--max-grad-norm {args.max_grad_norm}: expected a finite "
                                "number > 0")
-    from finitetune.output_paths import check_output_file
+    from finitetune.rundir.paths import check_output_file
 
     # before the report is built: a path that may not be written stops here, untouched
     target = check_output_file(args.output, "-o") if args.output else None
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                            max_grad_norm=args.max_grad_norm)
     text = {"md": to_markdown, "json": to_json, "html": to_html}[args.format](report)
     if target is not None:
-        from finitetune.jsonio import write_text_atomic
+        from finitetune.rundir.jsonio import write_text_atomic
 
         write_text_atomic(target, text)
         print(f"finitetune report: {report.verdict} -> {args.output}", file=sys.stderr)

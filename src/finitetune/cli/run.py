@@ -7,7 +7,7 @@
     finitetune run -- llamafactory-cli train config.yaml
 
 Every ``transformers.Trainer`` (TRL's included) the program constructs, in any of its
-processes, gets the gradient guard (:mod:`finitetune.integrations.autoguard` explains how).
+processes, gets the gradient guard (:mod:`finitetune.integrations.launch.autoguard` explains how).
 ``events.jsonl``, ``metrics.jsonl`` and ``faults/`` go to each Trainer's ``output_dir`` (or
 ``--events-dir``). When the program has exited, the health report of each Trainer's run is
 printed.
@@ -39,7 +39,7 @@ import os as _os
 import sys as _sys
 
 try:
-    from finitetune.integrations.autoguard import bootstrap as _bootstrap
+    from finitetune.integrations.launch.autoguard import bootstrap as _bootstrap
 except ImportError as _exc:
     print(f"finitetune run: this Python ({_sys.executable}) cannot import finitetune "
           f"({_exc}); refusing to run the program unguarded.", file=_sys.stderr, flush=True)
@@ -85,7 +85,7 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
 
 def guard_config(args: argparse.Namespace) -> Any:
     """GuardConfig from ``--config`` and the flags (flags win); ConfigError names the problem."""
-    from finitetune.config import GuardConfig
+    from finitetune.settings.config import GuardConfig
 
     values: dict[str, Any] = {}
     if args.config:
@@ -114,7 +114,7 @@ def guard_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the program with the guard, print the reports, return the exit code."""
-    from finitetune.integrations.faults import FaultSpec
+    from finitetune.integrations.launch.faults import FaultSpec
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         (Path(tmp) / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
         (Path(tmp) / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
         rc = _run_program(command, _child_env(tmp))
-        from finitetune.integrations.run_manifest import read_manifest
+        from finitetune.integrations.launch.manifest import read_manifest
 
         runs = read_manifest(manifest)
     return _conclude(runs, rc, args)
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _child_env(tmp: str) -> dict[str, str]:
     import finitetune
-    from finitetune.integrations.autoguard import SETTINGS_ENV
+    from finitetune.integrations.launch.autoguard import SETTINGS_ENV
 
     root = str(Path(finitetune.__file__).resolve().parent.parent)  # so any Python finds it
     env = dict(os.environ)

@@ -107,9 +107,9 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any],
         SettingError: a value of the wrong type or out of range, or an unknown setting.
         ConfigError: the config file cannot be read.
     """
-    from finitetune.config import TrainConfig
     from finitetune.errors import SettingError
-    from finitetune.validation import build, check_values
+    from finitetune.settings.config import TrainConfig
+    from finitetune.settings.validation import build, check_values
 
     from_file, file_lines = _read_yaml(Path(config_file)) if config_file else ({}, {})
     nested_flags: dict[str, Any] = {}
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     from finitetune.cli.main import set_offline_if_local
 
     set_offline_if_local(cfg.model, cfg.data.path)
-    from finitetune.recipe import configure_runtime, quiet_third_party_warnings, run_training
+    from finitetune.train.recipe import configure_runtime, quiet_third_party_warnings, run_training
 
     configure_runtime()
     with quiet_third_party_warnings():
@@ -221,7 +221,7 @@ def train(**settings: Any):
     Takes the same settings as the YAML file (nested ``data={...}``/``guard={...}`` or dotted
     keys such as ``**{"data.max_length": 64}``) and returns the :class:`RunResult`.
     """
-    from finitetune.recipe import run_training
+    from finitetune.train.recipe import run_training
 
     config_file = settings.pop("config", None)
     flat = _flatten(settings)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from finitetune.numerics import IGNORE_INDEX
+from finitetune.numerics.constants import IGNORE_INDEX
 
 
 class CausalLMCollator:

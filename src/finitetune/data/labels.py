@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from finitetune.errors import LabelError
-from finitetune.numerics import IGNORE_INDEX
+from finitetune.numerics.constants import IGNORE_INDEX
 
 # reasons that make an example unusable, reasons that only warn, and the "why" of all_masked
 ERRORS = ("all_masked", "length_mismatch", "label_out_of_range")

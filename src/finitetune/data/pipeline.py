@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from finitetune.config import DataConfig, LabelPolicy
 from finitetune.data.labels import ERRORS, LabelReport, validate_labels
 from finitetune.data.tokenize import tokenize_records
 from finitetune.errors import ConfigError, LabelError
+from finitetune.settings.config import DataConfig, LabelPolicy
 
 
 def load_data_records(data: DataConfig, model: str = "tiny", seed: int = 0) -> list[dict]:
@@ -29,7 +29,7 @@ def load_data_records(data: DataConfig, model: str = "tiny", seed: int = 0) -> l
                             response_field=data.response_field,
                             messages_field=data.messages_field,
                             text_field=data.text_field if data.response_marker else None)
-    from finitetune.data import demo
+    from finitetune.builtin import tasks as demo
 
     if model == "tiny":
         return demo.tiny_task(1400, seed=seed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from finitetune.data.templates import prompt_adds_special_tokens, render
-from finitetune.numerics import IGNORE_INDEX
+from finitetune.numerics.constants import IGNORE_INDEX
 
 
 def _split_pairs(records: list[dict], tokenizer: Any, template: str,

@@ -1,7 +1,7 @@
 """The gradient guard: check every optimizer step, never apply a non-finite one.
 
 ``Guard`` (plain loops), ``StepOutcome``, the pure ``decide`` and the ``FaultHook`` protocol
-live here; the Trainer integration is ``finitetune.integrations.hf.GuardCallback``. Nothing in
+live here; the Trainer integration is ``finitetune.integrations.hf.callback.GuardCallback``. Nothing in
 this package imports transformers. Names resolve lazily, so ``finitetune.guard.policy`` (pure
 Python) can be imported without torch.
 """

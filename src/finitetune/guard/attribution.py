@@ -36,7 +36,7 @@ from finitetune.guard.replay import (
     rows_of,
     save_fault_batch,
 )
-from finitetune.numerics import IGNORE_INDEX
+from finitetune.numerics.constants import IGNORE_INDEX
 
 __all__ = ["AttributionConfig", "Attributor", "load_fault_batch", "replay_backward",
            "replay_forward"]

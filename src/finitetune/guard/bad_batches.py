@@ -41,9 +41,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from finitetune import distributed, run_files
+from finitetune import distributed
 from finitetune.guard.policy import Reason
-from finitetune.jsonio import append_jsonl
+from finitetune.rundir import files as run_files
+from finitetune.rundir.jsonio import append_jsonl
 
 __all__ = ["BadSampleMemory", "BadSampleRecorder", "SkipSamples"]
 

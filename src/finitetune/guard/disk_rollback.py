@@ -9,7 +9,7 @@ whole run. :class:`DiskRollback` plays the same role (``exists``, ``step``, ``ca
 - ``capture`` costs nothing: the target is the newest checkpoint finitetune checked finite when
   it saved it *and whose state then gave a clean step* (the checkpoint saved just before a
   spike holds the state that produced it), reported by the Trainer integration
-  (:func:`finitetune.checkpoints.newest_healthy_marked` after a resume);
+  (:func:`finitetune.rundir.checkpoints.newest_healthy_marked` after a resume);
 - ``restore`` reads it back into the live objects: weights copied tensor by tensor from the
   safetensors file (one tensor in memory at a time; a loader can be passed for other formats,
   e.g. the Trainer's own), the optimizer state loaded *after* the old one was dropped (so the
@@ -22,7 +22,7 @@ skipped (what PaLM did by hand: restart earlier, skip the batches around the spi
 number of rollbacks is capped by ``GuardConfig.max_rollbacks`` as for the in-memory policy.
 
 Pure torch + safetensors; the Trainer wiring is in
-:mod:`finitetune.integrations.checkpoint_callback`.
+:mod:`finitetune.integrations.hf.checkpoint_callback`.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from typing import Any
 
 import torch
 
-from finitetune.checkpoints import (
+from finitetune.guard.snapshot import backoff_lr
+from finitetune.rundir.checkpoints import (
     INDEX_FILES,
     OPTIMIZER,
     SCHEDULER,
     CheckpointHealth,
     newest_healthy_marked,
 )
-from finitetune.guard.snapshot import backoff_lr
 
 __all__ = ["DiskRollback", "load_safetensors_weights"]
 

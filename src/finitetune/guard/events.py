@@ -16,7 +16,7 @@ from typing import Any
 
 from finitetune.errors import NonFiniteHalt
 from finitetune.guard.policy import Reason, StepOutcome
-from finitetune.jsonio import append_jsonl
+from finitetune.rundir.jsonio import append_jsonl
 
 __all__ = ["EVENTS_FILE", "advice", "event_record", "halt_error", "logger", "write_event"]
 

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from finitetune import distributed
-from finitetune.config import GuardConfig
 from finitetune.errors import NonFiniteHalt
 from finitetune.guard import events, step_vector
 from finitetune.guard.counters import REASON_COUNTER, log_view, new_counters
@@ -54,6 +53,7 @@ from finitetune.guard.policy import (
 from finitetune.guard.rank_check import RankCheck
 from finitetune.guard.snapshot import Snapshot, backoff_lr, unwrap_optimizer
 from finitetune.guard.stats import GradStats, LossAccumulator
+from finitetune.settings.config import GuardConfig
 
 __all__ = ["Guard"]
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from finitetune.config import GuardConfig, GuardPolicy, SpikeAction
-from finitetune.robust_stats import robust_z
+from finitetune.numerics.robust_stats import robust_z
+from finitetune.settings.config import GuardConfig, GuardPolicy, SpikeAction
 
 __all__ = [
     "Action", "Decision", "PolicyContext", "Reason", "Signals", "SpikeDetector", "StepOutcome",

@@ -31,7 +31,6 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from finitetune import distributed
-from finitetune.config import GuardConfig, RankMismatchAction
 from finitetune.guard.distributed import rank_slots
 from finitetune.guard.policy import (
     Action,
@@ -42,6 +41,7 @@ from finitetune.guard.policy import (
     StepStats,
     decide,
 )
+from finitetune.settings.config import GuardConfig, RankMismatchAction
 
 __all__ = ["RankCheck", "odd_ranks", "resolve"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from finitetune.foreach import per_tensor_max_abs
-from finitetune.numerics import FP16_MAX
+from finitetune.numerics.constants import FP16_MAX
+from finitetune.numerics.foreach import per_tensor_max_abs
 
 __all__ = ["FP16_MAX", "ForwardTrace", "load_fault_batch", "max_abs", "nonfinite_input_rows",
            "replay_backward", "replay_forward", "row_of", "rows_of", "save_fault_batch"]

@@ -5,7 +5,7 @@ see, a bad load, a user's own code) makes every later step NaN, and a Trainer th
 and rotates out the older checkpoints (``save_total_limit``) leaves nothing to go back to. So
 before a save, the trainable parameters and their optimizer state (what a checkpoint holds
 besides frozen base weights) are checked in one fused pass (the grouped max-abs of
-:mod:`finitetune.foreach`: no overflow for huge finite values), one host read; the names of the
+:mod:`finitetune.numerics.foreach`: no overflow for huge finite values), one host read; the names of the
 non-finite tensors come from the same vector when the check fails.
 
 Pure torch: used by the Trainer integration before ``_save_checkpoint`` and by the main job
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from finitetune.foreach import per_tensor_max_abs
+from finitetune.numerics.foreach import per_tensor_max_abs
 
 __all__ = ["StateCheck", "check_state", "training_state"]
 
@@ -67,7 +67,7 @@ def check_state(model: torch.nn.Module, optimizer: Any | None = None, *,
                 collective: bool = True) -> StateCheck:
     """Check trainable parameters and optimizer state for NaN/inf.
 
-    One grouped max-abs pass (:func:`finitetune.foreach.per_tensor_max_abs`). HOST SYNC: one
+    One grouped max-abs pass (:func:`finitetune.numerics.foreach.per_tensor_max_abs`). HOST SYNC: one
     read (save time only). Distributed, with ``collective``: when a process group is up, the
     count of non-finite tensors is all-reduced (COLLECTIVE: every rank must call it) so every
     rank refuses or saves alike; ``collective=False`` for a check on one rank only.

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from finitetune.foreach import per_tensor_max_abs
 from finitetune.guard.distributed import local_tensor
+from finitetune.numerics.foreach import per_tensor_max_abs
 
 __all__ = ["GRAD_FIELDS", "LOSS_FIELDS", "GradStats", "LossAccumulator", "acc_dtype"]
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finitetune import run_files
-from finitetune.jsonio import write_text_atomic
 from finitetune.report.health import HealthReport, health_report
 from finitetune.report.html import to_html
 from finitetune.report.render import report_dict, to_json, to_markdown
 from finitetune.report.run_reader import load_run_dir
+from finitetune.rundir import files as run_files
+from finitetune.rundir.jsonio import write_text_atomic
 
 __all__ = ["HealthReport", "health_report", "report_dict", "to_html", "to_json", "to_markdown",
            "write_reports"]

@@ -18,12 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finitetune import run_files
 from finitetune.errors import ReportInputError
-from finitetune.jsonio import decode_nonfinite
 from finitetune.report.console import KeyValueScanner, scan_dicts
 from finitetune.report.records import Collector, ParsedLog, feed_by_step
 from finitetune.report.tensorboard import EventReader, event_dirs
+from finitetune.rundir import files as run_files
+from finitetune.rundir.jsonio import decode_nonfinite
 
 __all__ = ["Follower", "TailFile"]
 
@@ -241,7 +241,7 @@ class Follower:
 
     def ended(self) -> bool:
         """A finitetune run directory says it ended: its final report was written, or the
-        process writing it is gone without writing one (killed: :func:`~finitetune.run_files.
+        process writing it is gone without writing one (killed: :func:`~finitetune.rundir.files.
         writer_gone`). In that case ``log.status`` is read, so that the last analysis says the
         run did not finish."""
         if self._mode != "run_dir":

@@ -19,13 +19,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from finitetune import run_files
 from finitetune.errors import ReportInputError
 from finitetune.report import trackers
 from finitetune.report.console import EXPECTED, parse_console
 from finitetune.report.fragments import looks_like_json_members, salvage_json
 from finitetune.report.records import Collector, ParsedLog, feed_by_step, from_records
 from finitetune.report.tensorboard import EventReader, event_dirs
+from finitetune.rundir import files as run_files
 
 __all__ = ["LLAMA_FACTORY_LOG", "load", "load_dir", "load_file", "parse_jsonl", "parse_text"]
 
@@ -195,7 +195,7 @@ def _whole_json(text: str, source: str, strict: bool) -> ParsedLog:
 def parse_jsonl(lines: Iterable[str], source: str) -> ParsedLog:
     """One JSON object per line of someone's log (LLaMA-Factory's ``trainer_log.jsonl`` too).
     A bad last line is a writer that died mid-line: noted, not fatal. Any other bad line is
-    fatal. (finitetune's own run files are read by :func:`finitetune.run_files.read_jsonl`.)"""
+    fatal. (finitetune's own run files are read by :func:`finitetune.rundir.files.read_jsonl`.)"""
     col = Collector()
     log = ParsedLog(source, "jsonl")
     bad: list[tuple[int, str]] = []

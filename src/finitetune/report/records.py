@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finitetune.errors import ReportInputError
-from finitetune.jsonio import decode_nonfinite
 from finitetune.report.names import IGNORED, PREFIXES, SUMMARY_KEYS, norm_key
+from finitetune.rundir.jsonio import decode_nonfinite
 
 __all__ = ["Collector", "ParsedLog", "feed_by_step", "from_records", "is_accuracy", "to_number"]
 

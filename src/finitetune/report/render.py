@@ -2,7 +2,7 @@
 
 The report's rendering layer: Markdown and HTML (:mod:`finitetune.report.html`) are built from
 one list of :func:`sections`, so they cannot drift apart. JSON goes through
-:mod:`finitetune.jsonio`, so NaN is ``null`` plus a ``*_nonfinite`` flag, never a bare token
+:mod:`finitetune.rundir.jsonio`, so NaN is ``null`` plus a ``*_nonfinite`` flag, never a bare token
 that strict readers reject. Counts are integers wherever they appear.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from finitetune.jsonio import dumps_strict
 from finitetune.report.fmt import count, num, step, value
 from finitetune.report.history import history_items
+from finitetune.rundir.jsonio import dumps_strict
 
 if TYPE_CHECKING:
     from finitetune.report.health import HealthReport

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finitetune import run_files
-from finitetune.jsonio import decode_nonfinite
 from finitetune.report.records import Collector, ParsedLog
+from finitetune.rundir import files as run_files
+from finitetune.rundir.jsonio import decode_nonfinite
 
 
 def load_run_dir(path: str | os.PathLike) -> ParsedLog:

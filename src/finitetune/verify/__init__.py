@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from finitetune.errors import ConfigError
-from finitetune.jsonio import write_json_atomic
+from finitetune.rundir.jsonio import write_json_atomic
 
 __all__ = ["VerifyResult", "run_verify"]
 
@@ -88,7 +88,7 @@ def run_verify(
         say()
         say(render.summary_line(results, minimal_ok, seconds))
         if as_json:
-            from finitetune.jsonio import dumps_strict
+            from finitetune.rundir.jsonio import dumps_strict
 
             print(dumps_strict(payload, indent=2), file=stream, flush=True)
         for res in results:  # drop the Trainers (and their models) now, not at interpreter exit
@@ -114,7 +114,7 @@ def _prepare_root(output_dir: str | None) -> Path:
     once the model and data have loaded, so a bad input writes nothing."""
     if not output_dir:
         return Path(tempfile.mkdtemp(prefix="finitetune-verify-"))
-    from finitetune.output_paths import check_output_dir
+    from finitetune.rundir.paths import check_output_dir
 
     check_output_dir(output_dir, "--output-dir", created_by=_CREATOR, replace=True)
     return Path(output_dir)
@@ -126,7 +126,7 @@ def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], 
     """The minimal guarded run, then each chosen scenario; prints as it goes. A kept output
     directory is made here, once the model and data loaded, and its lock entered into
     ``held`` (the caller releases it after writing ``verify.json``)."""
-    from finitetune.config import GuardConfig
+    from finitetune.settings.config import GuardConfig
     from finitetune.verify import render
     from finitetune.verify.harness import BATCH, LR, prepare_setup, quiet, run_arm
     from finitetune.verify.scenarios import LR_STEPS, SCENARIOS, STEPS
@@ -136,7 +136,7 @@ def _run_scenarios(model: str, data: str | None, steps: int, chosen: list[str], 
     with quiet():
         setup = prepare_setup(model, data=data, rows_needed=need)
     if kept:  # locked while this verify writes it: a second one does not delete it meanwhile
-        from finitetune.output_paths import RunLock, prepare_output_dir
+        from finitetune.rundir.paths import RunLock, prepare_output_dir
 
         prepare_output_dir(root, "--output-dir", _CREATOR, replace=True)
         held.enter_context(RunLock(root, _CREATOR))

@@ -7,7 +7,7 @@ The arms differ only in what finitetune adds:
 - **unguarded**: plain transformers defaults: the model's own loss, the Trainer's own clipping
   (``max_grad_norm=1.0``), ``logging_nan_inf_filter`` on, no finitetune callback. Its directory
   holds the Trainer's ``trainer_state.json``, which is what a user would have.
-- **guarded**: :class:`~finitetune.loss.SafeCausalLMLoss` as ``compute_loss_func``,
+- **guarded**: :class:`~finitetune.loss.causal.SafeCausalLMLoss` as ``compute_loss_func``,
   :class:`~finitetune.GuardCallback` and the ``metrics.jsonl`` writer, as ``finitetune train``
   wires them. Its directory is a finitetune run directory (``metrics.jsonl``, ``events.jsonl``).
 
@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from finitetune import run_files
 from finitetune.errors import NonFiniteHalt
-from finitetune.jsonio import write_text_atomic
 from finitetune.report import HealthReport, health_report, to_json, to_markdown
+from finitetune.rundir import files as run_files
+from finitetune.rundir.jsonio import write_text_atomic
 
 BATCH = 8
 """Micro-batch size of every arm (gradient accumulation 1: one micro-batch = one step)."""
@@ -186,13 +186,13 @@ def build_trainer(
     save_steps: int = 0,
 ) -> tuple[Any, Any]:
     """A Trainer on a fresh copy of the model, wired by the same
-    :func:`finitetune.integrations.trainer.build_trainer` as ``finitetune train``; ``guard``
+    :func:`finitetune.integrations.hf.trainer.build_trainer` as ``finitetune train``; ``guard``
     (a GuardConfig) adds the guard, attribution and the metrics writer; ``save_steps`` > 0
     saves checkpoints (the on-disk rollback needs them). Returns (trainer, loss tracker or
     None)."""
     from transformers import PrinterCallback, TrainingArguments
 
-    from finitetune.integrations import trainer as wiring
+    from finitetune.integrations.hf import trainer as wiring
 
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
@@ -287,10 +287,10 @@ def prepare_setup(model: str = "tiny", data: str | None = None, rows_needed: int
     Rows go through finitetune's own pipeline (label validation, unusable rows dropped), so
     the healthy baseline really is healthy; they are repeated if the data is short.
     """
-    from finitetune.config import DataConfig
-    from finitetune.data.demo import tiny_task
+    from finitetune.builtin.tasks import tiny_task
     from finitetune.data.pipeline import load_data_records, prepare_rows
     from finitetune.models import load_model, load_tokenizer, resolve_model
+    from finitetune.settings.config import DataConfig
 
     path = resolve_model(model)
     tokenizer = load_tokenizer(path)

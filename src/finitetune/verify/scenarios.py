@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from finitetune.config import GuardConfig
-from finitetune.numerics import FP16_MAX
+from finitetune.numerics.constants import FP16_MAX
+from finitetune.settings.config import GuardConfig
 from finitetune.testing import GradFault, OutputFault, assert_same_state
 from finitetune.verify.harness import (
     BATCH,
@@ -285,7 +285,7 @@ def fp16_overflow(setup: Setup, root: Path) -> ScenarioResult:
     (:func:`finitetune.choose_precision` for this device) picks the dtype, and the same
     simulation rounds to that dtype instead; the guard stays on as the backstop.
     """
-    from finitetune.precision import choose_precision
+    from finitetune.precision.policy import choose_precision
 
     hot, _module = mlp_projection(setup.model)
     plan = choose_precision(setup.model, device="cpu", requested="auto")

@@ -7,6 +7,7 @@ import itertools
 import math
 from typing import Any
 
+from finitetune.numerics.robust_stats import robust_scale
 from finitetune.report.rules.base import (
     Context,
     Opt,
@@ -17,7 +18,6 @@ from finitetune.report.rules.base import (
     runs,
     where,
 )
-from finitetune.robust_stats import robust_scale
 
 STUCK_PATIENCE = 3
 """Consecutive entries of loss exactly 0.0 (or grad norm 0.0) before it counts as stuck."""

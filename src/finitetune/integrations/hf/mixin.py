@@ -1,0 +1,192 @@
+"""``guarded(TrainerClass)`` / ``GuardedTrainerMixin``: the gradient guard inside a Trainer class.
+
+One implementation serves every way in:
+
+- ``guarded(SFTTrainer)(model=..., args=..., ...)`` or ``class MyTrainer(GuardedTrainerMixin,
+  Seq2SeqTrainer)``: explicit, for ``transformers.Trainer``, ``Seq2SeqTrainer`` and every TRL
+  trainer. Without a ``GuardCallback`` among its callbacks the Trainer gets a default one.
+- ``Trainer(..., callbacks=[GuardCallback()])``, the one-line front door: transformers does not
+  hand the Trainer to its callbacks, so importing :mod:`finitetune.integrations.hf.callback` adds one
+  post-construction step to ``transformers.Trainer.__init__`` and ``Trainer.add_callback``
+  (class level, once per process, see :func:`install_construction_hook`). A Trainer that holds a
+  ``GuardCallback`` then calls ``callback.set_trainer(self)``, which makes the instance's class
+  ``guarded(type(trainer))``. A Trainer without one is left exactly as it was.
+- ``finitetune run``: the same hook, in a mode that adds a ``GuardCallback`` to every Trainer.
+
+The mixin overrides ``train`` (undo every wrap on every exit path, then raise a halt),
+``training_step`` (feed the guard each micro-batch's loss and token count), ``log`` (guard
+counters, honest loss) and the two private clipping methods listed in
+:mod:`~finitetune.integrations.hf.seams`. Each override does nothing but call the
+Trainer's own method unless a guard session is active, i.e. between the ``GuardCallback``'s
+``on_train_begin`` and the end of ``train()``: removing the callback un-guards the Trainer.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from finitetune.integrations.hf.session import GuardSession
+
+__all__ = ["GuardedTrainerMixin", "guard_of", "guarded", "install_construction_hook"]
+
+_CACHE: dict[type, type] = {}
+_TRAINERS: weakref.WeakSet = weakref.WeakSet()
+"""Trainers adopted in this process: where a callback restored from a checkpoint (a new
+instance the Trainer builds itself) finds the Trainer it belongs to."""
+_HOOK_MARK = "_finitetune_construction_hook"
+_auto_attach: Callable[[Any], None] | None = None
+
+
+class GuardedTrainerMixin:
+    """Put first in a Trainer's bases: ``class T(GuardedTrainerMixin, SFTTrainer)``.
+
+    The overrides are inert until the ``GuardCallback`` starts a session in ``on_train_begin``;
+    the Trainer's own methods then run inside them (see the module docstring).
+    """
+
+    _finitetune_session: GuardSession | None = None
+
+    def _finitetune_active(self) -> GuardSession | None:
+        session = self._finitetune_session
+        return session if session is not None and not session.closed else None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from finitetune.integrations.hf.callback import GuardCallback
+
+        handler = self.callback_handler  # type: ignore[attr-defined]
+        if not any(isinstance(cb, GuardCallback) for cb in handler.callbacks):
+            handler.add_callback(GuardCallback())
+        _bind_callbacks(self)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; afterwards (also after an exception) every wrap is undone, and a
+        run the guard halted raises :class:`~finitetune.NonFiniteHalt` once it has finished
+        cleanly (callbacks' ``on_train_end`` ran, logs flushed)."""
+        self.__dict__["_finitetune_in_train"] = True
+        try:
+            result = super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.__dict__.pop("_finitetune_in_train", None)
+            session = self.__dict__.pop("_finitetune_session", None)
+            if session is not None:
+                session.close()
+        if session is not None and session.halt is not None:
+            raise session.halt
+        return result
+
+    def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        session = self._finitetune_active()
+        if session is None:
+            return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        inputs, tokens = session.before_micro_batch(inputs)
+        loss = super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        session.after_micro_batch(loss, tokens)
+        return loss
+
+    # The two private methods below are listed in trainer_seams.PRIVATE_TRAINER_SEAMS and
+    # checked at the start of training (exist, tested signature, not overridden elsewhere).
+    def _clip_grad_norm(self, model: Any) -> Any:
+        session = self._finitetune_active()
+        if session is None:
+            return super()._clip_grad_norm(model)  # type: ignore[misc]
+        return session.decide()  # the guard clips, with its own norm, only if it applies
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        session = self._finitetune_active()
+        if session is None:
+            return super()._get_grad_norm(model, grad_norm)  # type: ignore[misc]
+        return session.decide() if grad_norm is None else grad_norm
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        session = self._finitetune_active()
+        if session is not None:
+            session.amend_log(logs)
+        return super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def guarded(trainer_cls: type) -> type:
+    """``trainer_cls`` with the guard built in (cached: one class per Trainer class).
+
+    ``guarded(Trainer)``, ``guarded(Seq2SeqTrainer)``, ``guarded(trl.DPOTrainer)``, ... The
+    result is a subclass, so ``isinstance`` checks and the class's own overrides still hold.
+    """
+    if issubclass(trainer_cls, GuardedTrainerMixin):
+        return trainer_cls
+    cls = _CACHE.get(trainer_cls)
+    if cls is None:
+        name = f"Guarded{trainer_cls.__name__}"
+        cls = type(name, (GuardedTrainerMixin, trainer_cls),
+                   {"__module__": __name__, "__qualname__": name,
+                    "__doc__": f"{trainer_cls.__name__} with finitetune's gradient guard."})
+        _CACHE[trainer_cls] = cls
+    return cls
+
+
+def adopt(trainer: Any) -> None:
+    """Make an existing Trainer instance guarded: its class becomes ``guarded(type(trainer))``
+    (same state, same methods, the mixin's overrides in front). Idempotent."""
+    if not isinstance(trainer, GuardedTrainerMixin):
+        trainer.__class__ = guarded(type(trainer))
+    _TRAINERS.add(trainer)
+
+
+def trainer_holding(callback: Any) -> Any:
+    """The adopted Trainer whose callbacks include ``callback`` (None if there is none)."""
+    for trainer in list(_TRAINERS):
+        handler = getattr(trainer, "callback_handler", None)
+        if handler is not None and any(cb is callback for cb in handler.callbacks):
+            return trainer
+    return None
+
+
+def guard_of(trainer: Any) -> Any:
+    """The :class:`~finitetune.Guard` of ``trainer``'s current or last ``train()`` (or None)."""
+    callback = trainer.__dict__.get("_finitetune_callback")
+    return callback.guard if callback is not None else None
+
+
+def _bind_callbacks(trainer: Any) -> None:
+    """``set_trainer(trainer)`` on every callback that has one (``GuardCallback``,
+    ``CheckpointCallback``, ...) and is not bound to it yet."""
+    for cb in trainer.callback_handler.callbacks:
+        bind = getattr(cb, "set_trainer", None)
+        if callable(bind) and getattr(cb, "trainer", None) is not trainer:
+            bind(trainer)
+
+
+def install_construction_hook(auto_attach: Callable[[Any], None] | None = None) -> None:
+    """Bind every ``GuardCallback`` to the Trainer it is given to (class-level, idempotent).
+
+    Wraps ``transformers.Trainer.__init__`` and ``Trainer.add_callback`` once per process: after
+    the original, a Trainer holding a ``GuardCallback`` calls ``callback.set_trainer(self)``.
+    ``auto_attach`` (``finitetune run``): called with every new Trainer first, to add the guard
+    (and whatever else the run asked for) to Trainers the program built without one.
+    """
+    global _auto_attach
+    from transformers import Trainer
+
+    if auto_attach is not None:
+        _auto_attach = auto_attach
+    if getattr(Trainer.__init__, _HOOK_MARK, False):
+        return
+    init, add_callback = Trainer.__init__, Trainer.add_callback
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if _auto_attach is not None:
+            _auto_attach(self)
+        _bind_callbacks(self)
+
+    @functools.wraps(add_callback)
+    def add_callback_and_bind(self: Any, callback: Any) -> None:
+        add_callback(self, callback)
+        _bind_callbacks(self)
+
+    setattr(__init__, _HOOK_MARK, True)
+    Trainer.__init__ = __init__  # type: ignore[method-assign]
+    Trainer.add_callback = add_callback_and_bind  # type: ignore[method-assign]

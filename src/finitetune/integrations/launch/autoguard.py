@@ -1,0 +1,125 @@
+"""The child side of ``finitetune run``: guard every Trainer a program builds, without editing it.
+
+``finitetune run`` starts the program with a generated ``sitecustomize.py`` first on
+``PYTHONPATH`` (the way instrumentation tools reach a process they do not own); every Python
+process of the program, including the workers ``torchrun`` and ``accelerate launch`` start,
+imports it at start-up and calls :func:`bootstrap`. That costs nothing until the program
+imports ``transformers.trainer``: only then (an import hook that fires once) is
+:func:`~finitetune.integrations.hf.mixin.install_construction_hook` installed, with
+:func:`attach` as its ``auto_attach``. Each Trainer the program then constructs gets, unless it
+already has them:
+
+- a ``GuardCallback`` built from the run's settings (policy, config, attribution, events dir);
+- a ``CheckpointCallback`` (with the guard): a save whose weights or optimizer state hold a
+  NaN/inf is refused and the last healthy checkpoint pinned against ``save_total_limit``;
+  ``resume_from_checkpoint=True`` picks the newest healthy one; ``rollback_to: disk`` works;
+- a ``MetricsCallback`` writing ``metrics.jsonl`` next to ``events.jsonl`` (for the report);
+- a ``FaultInjector`` for ``--inject`` specs;
+- a :class:`~finitetune.integrations.launch.manifest.RunRecorder` that appends the Trainer's run
+  directory and outcome to the run's manifest, which ``finitetune run`` reads to print each
+  run's health report.
+
+If anything here fails, the program fails with it (loudly) rather than train unguarded.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SETTINGS_ENV", "attach", "bootstrap"]
+
+SETTINGS_ENV = "FINITETUNE_RUN_SETTINGS"
+"""Environment variable holding the path of the run's settings (JSON, written by the CLI)."""
+_TARGET = "transformers.trainer"
+_settings_cache: dict[str, Any] | None = None
+
+
+def settings() -> dict[str, Any]:
+    """The run's settings: ``guard`` (bool), ``config`` (GuardConfig dict), ``attribution``,
+    ``events_dir`` (or None), ``inject`` (spec strings), ``manifest`` (path)."""
+    global _settings_cache
+    if _settings_cache is None:
+        _settings_cache = json.loads(Path(os.environ[SETTINGS_ENV]).read_text(encoding="utf-8"))
+    return _settings_cache
+
+
+def bootstrap() -> None:
+    """Called by the generated ``sitecustomize``: install the guard when transformers' Trainer
+    is imported (at once if it already is)."""
+    if SETTINGS_ENV not in os.environ:
+        return
+    if _TARGET in sys.modules:
+        _install()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+def _install() -> None:
+    from finitetune.integrations.hf.mixin import install_construction_hook
+
+    install_construction_hook(auto_attach=attach)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds ``transformers.trainer`` like the normal path finder, and runs :func:`_install`
+    right after the module has executed (so ``Trainer`` exists and nothing else is imported)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _TARGET:
+            return None
+        sys.meta_path.remove(self)  # fire once
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_and_install(module: Any) -> None:
+            exec_module(module)
+            _install()
+
+        loader.exec_module = exec_and_install  # type: ignore[method-assign]
+        return spec
+
+
+def attach(trainer: Any) -> None:
+    """Give a newly constructed Trainer the run's callbacks (see the module docstring)."""
+    from finitetune.integrations.hf.callback import GuardCallback
+    from finitetune.integrations.hf.checkpoint_callback import CheckpointCallback
+    from finitetune.integrations.hf.metrics import MetricsCallback
+    from finitetune.integrations.launch.callbacks import FaultInjector, RunRecorder
+
+    s = settings()
+    handler = trainer.callback_handler
+    guard_cb = next((cb for cb in handler.callbacks if isinstance(cb, GuardCallback)), None)
+    events_dir = Path(s.get("events_dir") or trainer.args.output_dir)
+    if s["guard"] and guard_cb is None:
+        guard_cb = GuardCallback(s["config"], output_dir=s.get("events_dir"),
+                                 attribution=s["attribution"])
+        handler.add_callback(guard_cb)
+    elif guard_cb is not None:
+        events_dir = Path(guard_cb.output_dir or trainer.args.output_dir)
+        _say(trainer, "the program has its own GuardCallback: its settings are kept")
+    if guard_cb is not None and not any(isinstance(cb, CheckpointCallback)
+                                        for cb in handler.callbacks):
+        handler.add_callback(CheckpointCallback(s.get("events_dir"), config=guard_cb.config))
+    if not any(isinstance(cb, MetricsCallback) for cb in handler.callbacks):
+        handler.add_callback(MetricsCallback(events_dir / "metrics.jsonl"))
+    injector = FaultInjector(s["inject"]) if s["inject"] else None
+    if injector is not None:
+        handler.add_callback(injector)
+    handler.add_callback(RunRecorder(s["manifest"], events_dir, guard_cb, injector))
+    what = "guarding" if guard_cb is not None else "NOT guarding (--no-guard)"
+    _say(trainer, f"{what} {type(trainer).__name__}; events and metrics -> {events_dir}"
+         + (f"; injecting {', '.join(s['inject'])}" if s["inject"] else ""))
+
+
+def _say(trainer: Any, text: str) -> None:
+    if trainer.is_world_process_zero():
+        print(f"finitetune run: {text}", file=sys.stderr, flush=True)

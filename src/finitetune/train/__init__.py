@@ -1,0 +1,2 @@
+"""The main job, ``finitetune train``: data -> model -> Trainer -> evaluation -> run directory.
+"""
