@@ -36,7 +36,8 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/finitetune train --output-dir runs/demo --overwrite
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	@start=$$(date +%s); $(BIN)/python -m pytest -q; rc=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s wall time"; exit $$rc
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench

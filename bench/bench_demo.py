@@ -1,4 +1,4 @@
-"""The demo's training time and accuracy (issue 2 target: training <= 180 s on 2 CPU cores,
+"""The demo's training time and accuracy (target: training <= 180 s on 2 CPU cores,
 exact match after >= 90 %).
 
 Runs the embedded default exactly as ``make demo`` does, in-process, and records the figures
@@ -38,7 +38,7 @@ def main() -> None:
         ev = json.load(fh)
     before, after = ev.get("before") or {}, ev.get("after") or {}
     train_s = ev["train_seconds"]
-    tiny = "tiny" in extra  # `--model tiny`: issue 2 asks >= 90 % in under 30 s
+    tiny = "tiny" in extra  # `--model tiny`: >= 90 % in under 30 s
     budget = TINY_BUDGET_S if tiny else BUDGET_S
     table = (
         "| measure | value | target |\n|---|---|---|\n"
@@ -55,8 +55,8 @@ def main() -> None:
     if not args.no_append:
         from bench.common import append_result
 
-        title = ("Tiny model on its generated task (issue 2)" if tiny
-                 else "Demo: SmolLM2-135M LoRA on BBC topics (issue 2)")
+        title = ("Tiny model on its generated task" if tiny
+                 else "Demo: SmolLM2-135M LoRA on BBC topics")
         append_result(title, table)
 
 

@@ -1,4 +1,4 @@
-"""The demo's training step with the supervised-only LM head vs the full-logits loss (issue 17).
+"""The demo's training step with the supervised-only LM head vs the full-logits loss.
 
     python -m bench.bench_demo_step                 # 5 runs x 4 steps per variant, interleaved
     python -m bench.bench_demo_step --runs 3 --no-append
@@ -40,7 +40,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def _build(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     from bench.common import StepTimer
-    from finitetune.cli.train import resolve_config
     from finitetune.data.collate import CausalLMCollator
     from finitetune.data.pipeline import load_data_records, prepare_rows
     from finitetune.integrations.hf.hidden_loss import choose_loss
@@ -48,6 +47,7 @@ def _build(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     from finitetune.loss.causal import SafeCausalLMLoss
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision.policy import choose_precision
+    from finitetune.settings.resolve import resolve_config
     from finitetune.train.recipe import _train_device, apply_lora, split_records, training_arguments
 
     cfg = resolve_config(None, {"model": "demo", "max_steps": args.steps, "logging_steps": 1000})
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5, help="runs per variant (>= 5)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-append", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks-history.md")
     args = p.parse_args(argv)
     import torch
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.common import append_result
 
         print("appended to", append_result("Demo training step: supervised-only LM head vs "
-                                           "full logits (issue 17)", table))
+                                           "full logits", table))
     return 0
 
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine a second thread "
                         "fights other jobs and makes every step ~10x slower and noisier)")
-    p.add_argument("--no-append", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks-history.md")
     args = p.parse_args(argv)
     import torch
 

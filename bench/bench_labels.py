@@ -61,7 +61,7 @@ def main() -> None:
     if not args.no_append:
         from bench.common import append_result
 
-        append_result("Label validation cost (issue 3)", table)
+        append_result("Label validation cost", table)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ the same model and optimizer: A has the check off (``rank_check_every=0``), B ha
 ``rank_check_every`` steps). Runs alternate A B A B ..., ``--steps`` steps each; a run's step
 time is the median of its steps, the figure the median over runs. Whole steps drift by ±10 %
 on shared machines, so the check's own parts are also timed directly and reported as a
-fraction of the median step (DESIGN §6): the per-step slots (two ``world_size`` vectors added to
+fraction of the median step: the per-step slots (two ``world_size`` vectors added to
 the guard's one all-reduce) and the checksum pass (one ``_foreach_norm`` over the replicated
 parameters), which at the default interval costs ``checksum / (interval x step)``.
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--no-append", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks-history.md")
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from finitetune.testing import run_distributed
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_append:
         from bench.common import append_result
 
-        print("appended to", append_result("Cross-rank consistency check cost (issue 16)",
+        print("appended to", append_result("Cross-rank consistency check cost",
                                            text))
     return 0
 

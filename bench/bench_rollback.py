@@ -117,7 +117,7 @@ def main() -> None:
             + f"\n\nExtra peak memory of the on-disk policy / the in-memory policy: "
               f"**{ratio:.2f}** ({extra['disk']:+.0f} MiB vs {extra['memory']:+.0f} MiB).\n")
     print(text)
-    append_result("Rollback policies: peak memory, in-memory vs on-disk (issue 14)", text)
+    append_result("Rollback policies: peak memory, in-memory vs on-disk", text)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Every read of a tensor value on the host (``.item()``, ``float()``, ``.tolist()``, a copy to
 the CPU) is a device sync on an accelerator: the GPU queue drains and the step stalls.
-DESIGN.md §6 allows the guard at most one per optimizer step, whatever the accumulation and
+The guard may add at most one per optimizer step, whatever the accumulation and
 the number of parameters. Counted with ``finitetune.testing.count_host_syncs`` (a torch
 dispatch mode) around ``trainer.train()``, for the plain Trainer and the same Trainer with
 ``GuardCallback()``, on a small Llama on CPU (the count is the same on any device). Logging is
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5, help="runs per variant (median)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
-    p.add_argument("--no-append", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks-history.md")
     args = p.parse_args(argv)
     import torch
 

@@ -13,7 +13,7 @@ it shows the watcher kept up with the file rather than falling behind.
 Variants: the Trainer's printed dicts (every line an entry, the worst case for parsing) and
 finitetune's own ``metrics.jsonl``. Baseline, measured in the same run with the same writer: a
 loop that only reads the new bytes and splits them into lines (the least any follower pays).
-Target (issue 15): the watcher uses less than 20 % of one core.
+Target: the watcher uses less than 20 % of one core.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
+"""Every benchmark run, appended: ``bench/run_all.py`` builds ``docs/benchmarks.md`` from it."""
 
 
 def machine_info() -> str:
@@ -59,7 +60,8 @@ def append_result(title: str, rows_markdown: str) -> Path:
     with open(RESULTS, "a", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         if os.fstat(f.fileno()).st_size == 0:
-            section = "# Benchmarks\n\nAppended by `bench/` scripts; newest last.\n" + section
+            section = ("# Benchmark history\n\nEvery run of a `bench/` script, appended; newest last. "
+                       "The current table is [benchmarks.md](benchmarks.md).\n" + section)
         f.write(section)
         fcntl.flock(f, fcntl.LOCK_UN)
     return RESULTS

@@ -1,12 +1,12 @@
 """GPU check of the precision policy and the guard: one script, a few minutes on one H200.
 
-    python -m bench.gpu_check                          # needs CUDA; appends to docs/benchmarks.md
+    python -m bench.gpu_check                          # needs CUDA; appends to docs/benchmarks-history.md
     python -m bench.gpu_check --json-out $OUT/gpu_check.json
     python -m bench.gpu_check --dry-run                # = --device cpu --steps 3 --no-append:
                                                        #   checks the script itself, no GPU needed
 
 Not part of CI (``make test`` never runs it): it is for a session that has a GPU. Phases, each
-one printed as it finishes, then one results table (appended to docs/benchmarks.md):
+one printed as it finishes, then one results table (appended to docs/benchmarks-history.md):
 
 1. **plan**: versions, device, and :func:`finitetune.choose_precision` for the model (an H200
    must get bf16, no GradScaler).
@@ -370,7 +370,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip remaining phases after this many seconds (default 420)")
-    p.add_argument("--no-append", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks-history.md")
     p.add_argument("--json-out", help="also write the raw results here as JSON")
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated phases to run (default all: {','.join(PHASES)})")
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(dumps_strict({"rows": [list(r) for r in res.rows], "data": res.data,
                                   "device": a.device, "gpu": gpu}, indent=2, default=str))
     if not a.no_append:
-        print("appended to", append_result("GPU check: precision policy and guard (issue 8)",
+        print("appended to", append_result("GPU check: precision policy and guard",
                                            rows))
     if res.failed:
         print("gpu_check: FAILED: " + ", ".join(res.failed), file=sys.stderr)

@@ -105,3 +105,98 @@ def test_modules_and_functions_stay_small():
                                     f"'{LONG_REASON} <why>' comment")
     assert not too_long, "\n".join(too_long)
 
+
+
+MAX_ROOT_MODULES = 8
+
+
+def _edges() -> dict[str, set[str]]:
+    """Module -> the finitetune modules it imports (module level, inside functions, and under
+    ``TYPE_CHECKING``). ``from a import b`` names the module ``a.b`` when that is a module, else
+    ``a``; a package's lazy re-exports (strings) are not imports."""
+    edges: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parent, base] if base else parent)
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    names.add(full if full in MODULES else base)
+        targets = set()
+        for name in names:
+            while name and name not in MODULES:
+                name = name.rpartition(".")[0]
+            if name.startswith("finitetune") and name != module:
+                targets.add(name)
+        edges[module] = targets
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or through others, not even inside a
+    function: a circle hidden in a function-level import is still a circle."""
+    cycles = _cycles(_edges())
+    assert not cycles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_finds_a_planted_circle():
+    """The circle check can fail: a planted a -> b -> c -> a is reported, a chain is not."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_package_root_stays_small():
+    """A concept gets its package: the root holds only the shared foundations."""
+    root = sorted(p.name for p in (SRC / "finitetune").glob("*.py"))
+    assert len(root) <= MAX_ROOT_MODULES, f"{len(root)} modules at the package root: {root}"
+
+
+def test_import_rules_cover_every_package():
+    """Each package of the tree has at least one import rule (the map says what it may use)."""
+    packages = sorted({m for m, p in MODULES.items() if p.name == "__init__.py"} - {"finitetune"})
+    uncovered = [pkg for pkg in packages
+                 if not any(fnmatch.fnmatchcase(m, pattern) for pattern, _ in RULES
+                            for m in MODULES if m == pkg or m.startswith(pkg + "."))]
+    assert not uncovered, f"packages without an import rule in docs/architecture.md: {uncovered}"

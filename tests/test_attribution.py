@@ -1,4 +1,4 @@
-"""Attribution (issue 7): after a step the guard does not apply, say where and why.
+"""Attribution: after a step the guard does not apply, say where and why.
 
 Plain-loop tests drive :class:`~finitetune.Guard` directly with ``guard.observe_batch``; one test
 runs :class:`~finitetune.GuardCallback` on a real ``Trainer`` with gradient accumulation. The
@@ -15,13 +15,14 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from finitetune import Guard, GuardCallback
 from finitetune.data.collate import CausalLMCollator
 from finitetune.guard import attribution
 from finitetune.guard.attribution import AttributionConfig, Attributor, load_fault_batch
 from finitetune.testing import GradFault, OutputFault
+from finitetune.testing.models import tiny_llama
 
 VOCAB, SEQ, HID, BS = 64, 8, 32, 4
 
@@ -30,11 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HID, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ,
-        tie_word_embeddings=False))
+    return tiny_llama(vocab=VOCAB, hidden=HID, intermediate=64, layers=layers, heads=2,
+                      positions=SEQ, tie_word_embeddings=False)
 
 
 def source(i: int) -> str:

@@ -1,4 +1,6 @@
-"""Every bad input: a named error, exit 2, nothing written, nothing lost (DESIGN.md §5 case 21).
+"""Every bad input: a named error, exit 2, nothing written, nothing lost: negative,
+zero or NaN numbers from flags or YAML, output paths that are files, devices, FIFOs or symlinks,
+``--resume`` on a user's folder.
 
 One table over every command. Each case builds nothing of its own at run time: the workspace
 (data, a user's folder, a finished run, special files) and the broken model folders exist

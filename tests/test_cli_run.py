@@ -181,4 +181,25 @@ def test_bad_options_exit_2_before_anything_runs(argv, message, capsys):
 def test_unknown_config_keys_are_named(tmp_path, capsys):
     (tmp_path / "g.yaml").write_text("polcy: skip\n")
     assert main(["run", "--config", str(tmp_path / "g.yaml"), "--", "python"]) == 2
-    assert "unknown guard setting(s) polcy" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown setting 'polcy'" in err and "g.yaml:1" in err and "did you mean 'policy'" in err
+
+
+def test_run_reads_its_config_as_train_does(tmp_path, capsys):
+    """One settings reader: `1e-4` is a number in `finitetune run --config` as in `train`
+    (PyYAML alone reads it as the string "1e-4"), a guard section is found where `train`
+    keeps it, and a bad value names its file and line."""
+    import argparse
+
+    from finitetune.cli.run import guard_config
+
+    good = tmp_path / "train.yaml"
+    good.write_text("model: tiny\nguard:\n  max_grad_norm: 1e-4\n  policy: halt\n")
+    cfg = guard_config(argparse.Namespace(config=str(good), guard_policy=None,
+                                          max_consecutive_skips=None))
+    assert cfg.max_grad_norm == 1e-4 and isinstance(cfg.max_grad_norm, float)
+    assert cfg.policy == "halt"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: skip\nmax_grad_norm: -1\n")
+    assert main(["run", "--config", str(bad), "--", "python"]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Distributed: every rank takes the same decision (DESIGN.md §2.2, §5 case 13; issue 6).
+"""Distributed: every rank takes the same decision, from one all-reduce per step.
 
 Real processes, real collectives: each test spawns 2 processes joined in a gloo group on CPU
 (``finitetune.testing.run_distributed``) with a hard timeout, so a hang fails the test instead of
@@ -120,7 +120,7 @@ def _faults_on_rank1_only(out_dir: str) -> dict:
 
 
 def test_nan_grad_or_loss_on_rank1_only_both_ranks_skip_states_stay_equal(tmp_path):
-    """Done-when 1 and 2 (§5 case 13): a NaN on rank 1 only (a gradient element; then the loss)
+    """A NaN on rank 1 only (a gradient element; then the loss)
     -> both ranks skip, parameters and optimizer state are bit-identical across ranks and across
     the skipped step; exactly one all-reduce per step; rank 0 writes one event per step, naming
     the rank that had the NaN."""
@@ -227,7 +227,7 @@ def _ddp_gradients_vs_one_process() -> dict:
 
 
 def test_ddp_gradients_equal_one_process_on_the_concatenated_batch():
-    """Done-when 4 (DESIGN §2.1): the safe loss over the *global* token count (all ranks, whole
+    """The safe loss over the *global* token count (all ranks, whole
     accumulation window) gives 2-rank DDP gradients equal to one process's on the concatenated
     batch within 1e-6, including a fully masked micro-batch and a fully masked rank; the guard
     reports the same loss, token count and norm as the one-process reference."""
@@ -303,7 +303,7 @@ def test_fully_shard_sums_shard_norms_and_skips_on_both_ranks():
 
 
 def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from finitetune import GuardCallback
     from finitetune.errors import ConfigError
@@ -312,10 +312,9 @@ def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
     from finitetune.testing import GradFault
 
     rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ))
+    from finitetune.testing.models import tiny_llama
+
+    model = tiny_llama(vocab=VOCAB, hidden=16, heads=2, positions=SEQ)
     rows = [{"input_ids": ids[0], "labels": labels[0]}
             for ids, labels in (_batch(i, rows=1) for i in range(16))]
     args = TrainingArguments(

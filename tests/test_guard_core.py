@@ -1,4 +1,4 @@
-"""``Guard`` in a plain PyTorch loop, against DESIGN.md §5 (cases 1-12, 14, 15).
+"""``Guard`` in a plain PyTorch loop: every fault it must catch, and what a skip leaves untouched.
 
 Every fault test names the fault, where it is injected and what must hold. "Control" is the
 same seed and data with the bad step simply not taken, run *without* the guard (plain
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from finitetune import Guard, GuardConfig, NonFiniteHalt
 from finitetune.guard.policy import Action, Reason
@@ -26,6 +26,7 @@ from finitetune.testing import (
     count_host_syncs,
     inject_nonfinite_grad,
 )
+from finitetune.testing import models as testing_models
 
 VOCAB, SEQ, BATCH = 64, 16, 4
 G = torch.Generator().manual_seed(1234)
@@ -38,11 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(layers: int = 1, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=SEQ)
-    return LlamaForCausalLM(cfg)
+    return testing_models.tiny_llama(vocab=VOCAB, layers=layers, kv_heads=2, positions=SEQ,
+                                     seed=seed)
 
 
 def adamw(params, kind="foreach", lr=1e-2, wd=0.1):

@@ -1,4 +1,5 @@
-"""``GuardCallback`` on a real ``transformers.Trainer`` (and TRL's ``SFTTrainer``), DESIGN.md §5.
+"""``GuardCallback`` on a real ``transformers.Trainer`` (and TRL's ``SFTTrainer``): each fault
+injected mid-run, and what must hold afterwards.
 
 Each test injects a fault at a known step with the hooks of ``finitetune.testing`` (they count
 backward passes, so with GA=1 the pass number is the step number) and compares against a
@@ -13,12 +14,13 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from finitetune import GuardCallback, GuardConfig, NonFiniteHalt
 from finitetune.integrations.hf.callback import guard_of
 from finitetune.loss.causal import causal_lm_loss
 from finitetune.testing import GradFault, LossScale, assert_same_state, count_host_syncs
+from finitetune.testing import models as testing_models
 
 VOCAB, SEQ, BS = 64, 16, 2
 ROWS = torch.randint(0, VOCAB, (120, SEQ), generator=torch.Generator().manual_seed(7))
@@ -30,10 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ))
+    return testing_models.tiny_llama(vocab=VOCAB, kv_heads=2, positions=SEQ)
 
 
 def dataset(steps, *, drop=(), ga=1, empty=()):

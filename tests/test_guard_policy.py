@@ -1,5 +1,6 @@
-"""The guard's pure decision and its spike detector (no torch, no model): DESIGN.md §5 cases
-7, 8, 9, 10, 11 at the level of the decision table, plus the config checks."""
+"""The guard's pure decision and its spike detector (no torch, no model): NaN and
+inf gradients and losses, empty windows, spikes and the halt, at the level of the decision
+table, plus the config checks."""
 
 import math
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    LlamaConfig,
     LlamaForCausalLM,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -33,6 +32,7 @@ from finitetune.integrations.hf.seams import (
     TESTED_TRL,
 )
 from finitetune.testing import GradFault, OutputFault
+from finitetune.testing import models as testing_models
 
 VOCAB, SEQ, BS = 64, 16, 2
 ROWS = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(5))
@@ -42,10 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(layers=1) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ))
+    return testing_models.tiny_llama(vocab=VOCAB, layers=layers, kv_heads=2, positions=SEQ)
 
 
 def args(out, steps, **kw):

@@ -7,23 +7,20 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from finitetune import causal_lm_loss
 from finitetune.loss.causal import SafeCausalLMLoss, causal_lm_loss_parts
+from finitetune.testing.models import tiny_llama
 
 VOCAB = 64
 CHUNKS = [None, 5]  # 5 does not divide the row counts used below: ragged last chunk
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()  # eval: no dropout, deterministic
+    model = tiny_llama(vocab=VOCAB, layers=2, kv_heads=2, seed=seed)
+    return model.eval()  # eval: no dropout, deterministic
 
 
 def padded_batch(rows: int = 8, seq: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""causal_lm_loss_from_hidden and its Trainer wiring (issue 17).
+"""causal_lm_loss_from_hidden and its Trainer wiring.
 
 Reference everywhere: transformers' own causal-LM loss (``ForCausalLMLoss`` on the model's
 logits, or the model's ``loss`` when called with labels), fp32, tolerance 1e-5. The fast path

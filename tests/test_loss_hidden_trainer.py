@@ -1,4 +1,4 @@
-"""The hidden-state loss on real models and in the Trainer (issue 17).
+"""The hidden-state loss on real models and in the Trainer.
 
 Reference: the model's own loss (transformers' ``ForCausalLMLoss`` on full logits, what the
 model returns when called with ``labels`` and ``num_items_in_batch``), fp32, tolerance 1e-5, for

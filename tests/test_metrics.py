@@ -26,12 +26,9 @@ def _rows(n_batches: int, batch: int, empty_batches: set[int]) -> list[dict]:
 
 
 def test_empty_microbatches_are_counted_over_the_entire_run(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from finitetune.testing.models import tiny_llama
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=2))
+    model = tiny_llama(heads=2, positions=2048)
     # micro-batches 1 and 10 (of 12) have no supervised token: one early, one late, so a count
     # over a prefix of the run would miss the second
     rows = _rows(12, 2, empty_batches={1, 10})

@@ -1,4 +1,4 @@
-"""Cross-rank consistency (DESIGN.md §5 case 20; issue 16 item 2): ranks that should hold the
+"""Cross-rank consistency : ranks that should hold the
 same gradients or parameters and do not are named by a ``rank_mismatch`` event.
 
 The pure parts (who is the odd one out; how a mismatch folds into the step's decision) are
@@ -121,7 +121,7 @@ def _ddp_rank1_drifts(out_dir: str) -> dict:
 
 
 def test_ddp_rank_whose_weights_or_gradients_differ_is_named():
-    """§5 case 20 under DDP: rank 1's weights drift after step 1. Step 2: the gradients are
+    """Drift under DDP: rank 1's weights drift after step 1. Step 2: the gradients are
     still all-reduced (equal), no checksum due: applied. Step 3 (``rank_check_every=3``): the
     parameter checksums disagree -> both ranks skip, event names rank 1. Step 4: rank 1's
     all-reduced gradient is changed (finite): the per-rank gradient norms disagree -> skipped,

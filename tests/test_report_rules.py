@@ -1,4 +1,4 @@
-"""Every diagnosis rule of the health report (DESIGN.md §3), on logs written for it.
+"""Every diagnosis rule of the health report, on logs written for it.
 
 Logs are written as the Trainer prints them (``str(dict)``), so each rule is also exercised
 through the console parser, and exit codes are checked through the real CLI.

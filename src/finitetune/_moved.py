@@ -35,7 +35,7 @@ MOVED: dict[str, str] = {
     "finitetune.recipe": "finitetune.train.recipe",
     "finitetune.evaluation": "finitetune.train.evaluation",
     "finitetune.data.demo": "finitetune.builtin.tasks",
-    "finitetune.integrations.guarded": "finitetune.integrations.hf.mixin",
+    "finitetune.integrations.guarded": "finitetune.integrations.hf.callback",
     "finitetune.integrations.trainer_seams": "finitetune.integrations.hf.seams",
     "finitetune.integrations.trainer_session": "finitetune.integrations.hf.session",
     "finitetune.integrations.checkpoint_callback": "finitetune.integrations.hf.checkpoint_callback",

@@ -84,32 +84,36 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
 
 
 def guard_config(args: argparse.Namespace) -> Any:
-    """GuardConfig from ``--config`` and the flags (flags win); ConfigError names the problem."""
+    """GuardConfig from ``--config`` and the flags (flags win); errors name the file and line, or
+    the flag, holding the bad value. The file is read by the one settings reader, as
+    ``finitetune train`` reads it (``1e-4`` is a number)."""
+    from finitetune.errors import SettingError
     from finitetune.settings.config import GuardConfig
+    from finitetune.settings.files import read_settings
+    from finitetune.settings.validation import build, check_values
 
-    values: dict[str, Any] = {}
+    layers: list[tuple[dict[str, Any], dict[str, str], str]] = []
     if args.config:
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"--config {args.config}: cannot read it: {exc}") from exc
-        if isinstance(data, dict) and isinstance(data.get("guard"), dict):
+        data, lines = read_settings(args.config)
+        if isinstance(data.get("guard"), dict):  # a finitetune train file: its guard section
             data = data["guard"]
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {args.config}: expected a mapping of guard settings")
-        values.update(data)
+            lines = {k.removeprefix("guard."): v for k, v in lines.items()}
+        layers.append((data, lines, str(args.config)))
+    flags: dict[str, Any] = {}
     if args.guard_policy is not None:
-        values["policy"] = args.guard_policy
+        flags["policy"] = args.guard_policy
     if args.max_consecutive_skips is not None:
-        values["max_consecutive_skips"] = args.max_consecutive_skips
-    known = set(GuardConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown guard setting(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(sorted(known))}")
-    return GuardConfig(**values)
+        flags["max_consecutive_skips"] = args.max_consecutive_skips
+    layers.append((flags, {"policy": "flag --guard-policy",
+                           "max_consecutive_skips": "flag --max-consecutive-skips"}, "flag"))
+    values: dict[str, Any] = {}
+    for layer, lines, default in layers:
+        try:
+            check_values(GuardConfig, layer)
+        except SettingError as exc:
+            raise exc.located(lines.get(exc.setting, default)) from None
+        values.update(layer)
+    return build(GuardConfig, values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from finitetune import distributed
+from finitetune.guard.policy import Reason
 from finitetune.guard.replay import (
     load_fault_batch,
     max_abs,
@@ -36,14 +37,14 @@ from finitetune.guard.replay import (
     rows_of,
     save_fault_batch,
 )
-from finitetune.numerics.constants import IGNORE_INDEX
+from finitetune.loss.targets import supervised_tokens
 
 __all__ = ["AttributionConfig", "Attributor", "load_fault_batch", "replay_backward",
            "replay_forward"]
 
 logger = logging.getLogger("finitetune.guard")
 FAULTS_DIR = "faults"
-_REPLAY_REASONS = {"nonfinite_grad", "nonfinite_loss", "norm_overflow"}
+_REPLAY_REASONS = {Reason.NONFINITE_GRAD, Reason.NONFINITE_LOSS, Reason.NORM_OVERFLOW}
 _LIST_CAP = 20
 
 
@@ -132,13 +133,13 @@ class Attributor:
         """Everything the event line gets for this step (see the module docstring)."""
         t0 = time.perf_counter()
         cfg = self.config
-        reason = getattr(outcome.reason, "value", outcome.reason)
+        reason = outcome.reason
         batches = list(getattr(self.guard, "batches", []) or [])
         ids = [[int(i) for i in b[1].tolist()] if b[1] is not None else [] for b in batches]
         rec: dict[str, Any] = {"sample_ids": [i for mb in ids for i in mb]}
         if self.sources is not None:
             rec["sources"] = [self.source(i) for i in rec["sample_ids"]]
-        if reason == "scaler_overflow":  # GradScaler calibration is normal early on
+        if reason == Reason.SCALER_OVERFLOW:  # GradScaler calibration is normal early on
             return rec
         self.attributed += 1
         if self.attributed > cfg.max_events:
@@ -210,7 +211,7 @@ class Attributor:
             if replays and time.perf_counter() - t0 > cfg.max_replay_seconds:
                 return f"replay budget of {cfg.max_replay_seconds:g} s used up"
             replays.append(self._replay(m, inputs, ids[m], rec, t0))
-        if (reason == "nonfinite_grad" and cfg.replay_backward and self._bad_params
+        if (reason == Reason.NONFINITE_GRAD and cfg.replay_backward and self._bad_params
                 and all(r["verdict"] == "finite" for r in replays)):
             for m, (inputs, _) in enumerate(batches[:len(replays)]):
                 if m and time.perf_counter() - t0 > cfg.max_replay_seconds:
@@ -244,9 +245,9 @@ class Attributor:
                 res["fp32"] = "nonfinite" if fp.nonfinite else "finite"
                 res["verdict"] = "data_or_model" if fp.nonfinite else "precision_overflow"
             rows = [r for r in (orig.bad_rows or []) if r not in {b[0] for b in blame}]
-            if orig.logits_finite and isinstance(inputs.get("labels"), torch.Tensor):
-                res["no_supervised_tokens"] = bool(  # HOST SYNC (fault path)
-                    inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum() == 0)
+            tokens = supervised_tokens(inputs) if orig.logits_finite else None
+            if tokens is not None:
+                res["no_supervised_tokens"] = bool(tokens == 0)  # HOST SYNC (fault path)
             if n > 1 and len(rows) == n:
                 blame += [(r, "nonfinite_alone") for r in self._alone(inputs, n, t0, res)]
             else:
@@ -295,7 +296,7 @@ class Attributor:
         found = {r["verdict"] for r in replays}
         verdict = next((v for v in ("data_or_model", "precision_overflow") if v in found),
                        "not_replayed" if not replays else "transient")
-        if verdict == "transient" and reason == "norm_overflow":
+        if verdict == "transient" and reason == Reason.NORM_OVERFLOW:
             verdict = "data_or_model"  # finite gradients whose squared norm overflows fp32
         first = next((r for r in replays if r.get("first_nonfinite_module")), None)
         over = next((r for r in replays if r.get("first_fp16_overflow_module")), None)

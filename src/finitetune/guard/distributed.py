@@ -3,7 +3,7 @@
 The guard packs everything one optimizer step measured (gradient norm pieces, finite-flag
 counts, loss sums, token and micro-batch counts, one fault-flag slot per rank) into one small
 float64 tensor, so a distributed run needs exactly **one** all-reduce per step and every rank
-reads the same numbers, hence takes the same decision (DESIGN.md §2.2). Everything is reduced
+reads the same numbers, hence takes the same decision. Everything is reduced
 with SUM: flags travel as *counts* (exact in float64), and NaN + x = NaN, so a NaN can never
 vanish in the reduction. (A MAX/MIN over raw floats can drop a NaN depending on which rank holds
 it, as seen on gloo.) After the reduce every rank holds the same vector, so no decision depends

@@ -10,7 +10,7 @@ Plain loop (as short as GradScaler's)::
         guard.step()           # norm + flags, ONE host sync, decide, clip, step or skip
         optimizer.zero_grad()
 
-Order inside ``step`` (DESIGN.md §2): one fused pass over the gradients (pre-clip norm and
+Order inside ``step``: one fused pass over the gradients (pre-clip norm and
 finite flags) plus the loss sums, packed in one small tensor (layout:
 :mod:`~finitetune.guard.step_vector`) -> (all-reduce when distributed) -> one host sync -> pure
 decision (:func:`~finitetune.guard.policy.decide`) -> clip with the norm already computed, never

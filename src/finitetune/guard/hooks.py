@@ -9,20 +9,30 @@ A plain callable ``hook(outcome) -> dict | None`` is enough for a hook that need
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+import os
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from finitetune.guard.guard import Guard
-    from finitetune.guard.policy import StepOutcome
+from finitetune.guard.policy import StepOutcome
 
-__all__ = ["FaultHook"]
+__all__ = ["FaultHook", "GuardView"]
+
+
+class GuardView(Protocol):
+    """What a hook may read of the :class:`~finitetune.Guard` it serves (a structural type, so
+    this module does not import the guard that imports it)."""
+
+    output_dir: str | os.PathLike | None
+
+    @property
+    def batches(self) -> list[tuple[Any, Any]]:
+        """(inputs, sample ids or None) of each micro-batch of the step being decided."""
 
 
 @runtime_checkable
 class FaultHook(Protocol):
     """An ``on_fault`` hook that is told which :class:`~finitetune.Guard` it serves."""
 
-    def bind_guard(self, guard: Guard) -> None:
+    def bind_guard(self, guard: GuardView) -> None:
         """Called once by ``Guard.__init__`` (before any step): keep ``guard`` to read its
         ``batches`` and ``output_dir`` when a step fails."""
 

@@ -1,6 +1,6 @@
 """Safe causal-LM loss: a token-weighted mean that is never NaN for lack of tokens.
 
-The usual defaults fail three ways (DESIGN.md §3, §5 cases 6-7): mean cross-entropy over zero
+The usual defaults fail three ways: mean cross-entropy over zero
 supervised tokens is 0/0 = NaN; ``sum / num_items_in_batch`` is NaN when the whole accumulation
 window is empty; a per-micro-batch mean lets a near-empty micro-batch weigh as much as a full
 one. A detached ``tensor(0.0)`` for an empty batch is no fix: it has no graph, backward raises.
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from finitetune._lazy import lazy_getattr
 from finitetune.loss.chunked_cross_entropy import ChunkedCrossEntropy
+from finitetune.loss.targets import shifted_targets
 from finitetune.numerics.constants import IGNORE_INDEX
 
 __all__ = ["LossParts", "LossWindow", "SafeCausalLMLoss", "causal_lm_loss", "causal_lm_loss_parts"]
@@ -105,10 +106,7 @@ def _shifted_labels(
         )
     if shift_labels is not None:
         return shift_labels.long()
-    # Same as transformers' ForCausalLMLoss: pad with ignore_index and drop the first column, so
-    # position t predicts label t+1 and the last position predicts nothing. Keeping the logits
-    # whole (no [:, :-1] slice) lets them be viewed as (N, V) without a copy.
-    return F.pad(target.long(), (0, 1), value=ignore_index)[..., 1:]
+    return shifted_targets(target, ignore_index)  # as transformers' ForCausalLMLoss shifts
 
 
 def _denominator(
@@ -342,7 +340,7 @@ class SafeCausalLMLoss:
         Returns ``loss`` (token-mean, or None when the window had no supervised tokens),
         ``loss_sum``, ``num_tokens``, ``empty_micro_batches``, ``micro_batches`` and
         ``num_items_in_batch`` (None when not given). A NaN loss is returned as NaN: JSON
-        writers must map it to null plus a flag (DESIGN.md §4).
+        writers must map it to null plus a flag (strict JSON has no NaN).
         """
         w = self.window()
         packed = [w.loss_sum.double(), w.num_tokens.double(), w.empty_micro_batches.double()]

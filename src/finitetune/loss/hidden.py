@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from finitetune.loss.causal import LossParts, _denominator
 from finitetune.loss.chunked_head import ChunkedHeadCrossEntropy
+from finitetune.loss.targets import shifted_targets
 from finitetune.numerics.constants import IGNORE_INDEX
 
 __all__ = ["LMHead", "LowRank", "causal_lm_loss_from_hidden", "causal_lm_loss_from_hidden_parts",
@@ -154,7 +155,7 @@ def causal_lm_loss_from_hidden_parts(
     chunk_size, z_loss, softcap, scale = _options(chunk_size, z_loss, logit_softcap,
                                                   logit_scale, head.weight.shape[0])
     if shift_labels is None:  # position t predicts label t+1; the last position predicts nothing
-        target = F.pad(target.long(), (0, 1), value=ignore_index)[..., 1:]
+        target = shifted_targets(target, ignore_index)
     flat = target.reshape(-1).long()
     valid = flat != ignore_index
     num_tokens = valid.sum()

@@ -4,7 +4,7 @@
 layer: it reads :class:`~finitetune.report.records.ParsedLog` (loaded by
 :mod:`finitetune.report.load`) and builds a :class:`HealthReport`, plain data that the views
 (:mod:`finitetune.report.render`, :mod:`.html`, :mod:`.plots`, :mod:`.live`) render; it never
-imports them. The diagnosis rules (the failure catalogue, DESIGN.md §3) live in
+imports them. The diagnosis rules (the known ways a fine-tune fails) live in
 :mod:`finitetune.report.rules`.
 """
 

@@ -65,7 +65,15 @@ def load_dir(path: Path) -> ParsedLog:
     from finitetune.report.run_reader import load_run_dir
 
     if run_files.is_run_dir(path):
-        return load_run_dir(path)
+        log = load_run_dir(path)
+        state = None if (path / run_files.METRICS).is_file() else _trainer_state(path)
+        if state is not None:  # a Trainer's output folder with GuardCallback's events.jsonl
+            steps = load_file(state)
+            log.records, log.evals, log.summary = steps.records, steps.evals, steps.summary
+            log.notes = [n for n in log.notes if not n.startswith(run_files.METRICS)]
+            log.notes.append(f"training steps read from {state.relative_to(path)}; guard "
+                             f"events from {run_files.EVENTS}")
+        return log
     for name in (run_files.TRAINER_STATE, LLAMA_FACTORY_LOG):
         if (path / name).is_file():
             return load_file(path / name)
@@ -79,11 +87,19 @@ def load_dir(path: Path) -> ParsedLog:
     csvs = sorted(path.glob("*.csv"))
     if csvs:
         return trackers.read_wandb_csv(csvs)
-    for ckpt in reversed(run_files.checkpoints(path)):
-        if (ckpt / run_files.TRAINER_STATE).is_file():
-            return load_file(ckpt / run_files.TRAINER_STATE)
+    state = _trainer_state(path)
+    if state is not None:
+        return load_file(state)
     raise ReportInputError(f"{path}: a directory without {run_files.METRICS}, "
                            f"{run_files.TRAINER_STATE} or any log this report reads; {EXPECTED}")
+
+
+def _trainer_state(path: Path) -> Path | None:
+    """The Trainer's ``trainer_state.json`` in ``path``, else the newest checkpoint's."""
+    for folder in (path, *reversed(run_files.checkpoints(path))):
+        if (folder / run_files.TRAINER_STATE).is_file():
+            return folder / run_files.TRAINER_STATE
+    return None
 
 
 def read_tensorboard(path: Path) -> ParsedLog:

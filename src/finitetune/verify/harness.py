@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from finitetune.errors import NonFiniteHalt
+from finitetune.guard.policy import Action
 from finitetune.report import HealthReport, health_report, to_json, to_markdown
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import write_text_atomic
@@ -44,7 +45,7 @@ LR = 3e-3
 MAX_GRAD_NORM = 1.0
 """The Trainer's default clip value, used by both arms."""
 SEED = 0
-GUARD_ACTIONS = ("skip", "rollback", "reduce_lr", "halt")
+GUARD_ACTIONS = (Action.SKIP, Action.ROLLBACK, Action.REDUCE_LR, Action.HALT)
 
 
 @dataclass

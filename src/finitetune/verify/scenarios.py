@@ -7,92 +7,31 @@ states its fault, how it is injected, and which checks decide "reproduced" and "
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from finitetune.numerics.constants import FP16_MAX
+from finitetune.guard.policy import Action, Reason
 from finitetune.settings.config import GuardConfig
 from finitetune.testing import GradFault, OutputFault, assert_same_state
 from finitetune.verify.harness import (
     BATCH,
-    ArmResult,
     Check,
     Setup,
     decoder_layers,
     mlp_projection,
     run_arm,
 )
-
-STEPS = 20
-"""Optimizer steps per arm: enough for a fault mid-run and a visible loss trend (~0.5 s)."""
-FAULT_STEP = 7
-"""Where the transient faults strike: after the loss has started to fall."""
-
-
-@dataclass
-class ScenarioResult:
-    """One scenario: both arms and the checks that decide "reproduced" and "fixed"."""
-
-    key: str
-    title: str
-    fault: str
-    unguarded: ArmResult
-    guarded: ArmResult
-    reproduce: list[Check]
-    fix: list[Check]
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
-    """Scenario-specific table rows: (label, unguarded, guarded)."""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def reproduced(self) -> bool:
-        return all(c.ok for c in self.reproduce)
-
-    @property
-    def fixed(self) -> bool:
-        return all(c.ok for c in self.fix)
-
-    @property
-    def ok(self) -> bool:
-        return self.reproduced and self.fixed
-
-
-def common_fix_checks(g: ArmResult) -> list[Check]:
-    """What every guarded arm must show: finite, learning, and a clean report."""
-    unexplained = g.unexplained_findings()
-    loss = g.stat("loss")
-    fell = (f"{loss.first:.4g} -> {loss.last:.4g}" if loss and loss.first is not None
-            else "no finite loss")
-    return [
-        Check("training finished (no halt)" if g.halted is None else f"halted: {g.halted}",
-              g.halted is None),
-        Check("final parameters finite" if g.params_finite else "final parameters NOT finite",
-              g.params_finite),
-        Check(f"loss fell ({fell})", g.loss_fell()),
-        Check(("report healthy" if g.report.verdict == "healthy" else
-               f"report {g.report.verdict} only where the guard acted") if not unexplained
-              else "report: " + "; ".join(
-            f"{f.rule} ({f.severity})" for f in unexplained), not unexplained),
-    ]
-
-
-def guard_acted(g: ArmResult, steps: set[int], actions: tuple[str, ...],
-                reasons: tuple[str, ...]) -> Check:
-    """The guard took ``actions`` for ``reasons`` on exactly ``steps`` (the fault's steps)."""
-    hits = {int(e["step"]) for e in g.events
-            if e.get("action") in actions and e.get("reason") in reasons}
-    return Check(f"guard {'/'.join(actions)} ({'/'.join(reasons)}) at step(s) "
-                 f"{_steps(hits) or 'none'} (fault at {_steps(steps)})", hits == steps)
-
-
-def _steps(steps: set[int] | list[int]) -> str:
-    return ", ".join(str(s) for s in sorted(steps))
-
+from finitetune.verify.outcome import (
+    FAULT_STEP,
+    STEPS,
+    ScenarioResult,
+    common_fix_checks,
+    guard_acted,
+    num,
+    steps_text,
+)
+from finitetune.verify.overflow import fp16_overflow
 
 # --------------------------------------------------------------------------- model anatomy
 
@@ -123,14 +62,14 @@ def all_masked(setup: Setup, root: Path) -> ScenarioResult:
     g = run_arm(setup, root / "guarded", "guarded", rows, STEPS, guard=GuardConfig())
     loss_u = u.stat("loss")
     reproduce = [
-        Check(f"model's loss non-finite at step(s) {_steps(u.true_loss_nonfinite) or 'none'}",
+        Check(f"model's loss non-finite at step(s) {steps_text(u.true_loss_nonfinite) or 'none'}",
               bad <= set(u.true_loss_nonfinite)),
         Check(f"logged as loss 0.0 on {loss_u.zero if loss_u else 0} entries; report: "
               + (", ".join(f.rule for f in u.findings()) or "healthy"),
               u.has_finding("zero_loss", "hidden_nan_loss", "nan_loss")),
     ]
-    fix = [guard_acted(g, bad, ("skip",), ("no_valid_tokens",)),
-           Check(f"no NaN loss (non-finite at {_steps(g.true_loss_nonfinite) or 'none'})",
+    fix = [guard_acted(g, bad, (Action.SKIP,), (Reason.NO_VALID_TOKENS,)),
+           Check(f"no NaN loss (non-finite at {steps_text(g.true_loss_nonfinite) or 'none'})",
                  not g.true_loss_nonfinite), *common_fix_checks(g)]
     empty = g.report.guard.get("empty_microbatches")
     rows_table = [("empty micro-batches counted", "-", f"{empty:g}" if empty is not None else "-")]
@@ -138,7 +77,7 @@ def all_masked(setup: Setup, root: Path) -> ScenarioResult:
              f"run first): {labels.counts.get('all_masked', 0)} of {labels.total} rows "
              "all_masked"]
     return ScenarioResult("all_masked", "all labels masked in some batches",
-                          f"steps {_steps(bad)}: every label of the batch is -100",
+                          f"steps {steps_text(bad)}: every label of the batch is -100",
                           u, g, reproduce, fix, rows_table, notes)
 
 
@@ -169,7 +108,8 @@ def hidden_nan(setup: Setup, root: Path) -> ScenarioResult:
         Check("final parameters NaN" if not u.params_finite else "final parameters finite",
               not u.params_finite),
     ]
-    fix = [guard_acted(g, {FAULT_STEP}, ("skip",), ("nonfinite_grad", "nonfinite_loss")),
+    fix = [guard_acted(g, {FAULT_STEP}, (Action.SKIP,),
+                       (Reason.NONFINITE_GRAD, Reason.NONFINITE_LOSS)),
            *common_fix_checks(g)]
     return ScenarioResult("hidden_nan", "a NaN loss hidden by the logging filter",
                           f"step {FAULT_STEP}: NaN in the first block's output (one forward)",
@@ -208,7 +148,7 @@ def inf_grad(setup: Setup, root: Path) -> ScenarioResult:
         Check("final parameters NaN" if not u.params_finite else "final parameters finite",
               not u.params_finite),
     ]
-    fix = [guard_acted(g, {FAULT_STEP}, ("skip",), ("nonfinite_grad",)),
+    fix = [guard_acted(g, {FAULT_STEP}, (Action.SKIP,), (Reason.NONFINITE_GRAD,)),
            Check("final state bit-identical to the control run without that batch"
                  + ("" if same else f" (NOT: {why})"), same),
            *common_fix_checks(g)]
@@ -227,100 +167,6 @@ def _same_state(a: Any, b: Any) -> tuple[bool, str]:
     except AssertionError as exc:
         return False, str(exc)
     return True, ""
-
-
-# --------------------------------------------------------------------------- 4. fp16 overflow
-
-OVERFLOW_SCALE = 2.0**24
-"""How much larger the feed-forward activation is made (a power of two: exact in fp32/bf16)."""
-
-
-class ReducedPrecision:
-    """Simulates autocast's rounding on a CPU, where fp16 training does not exist.
-
-    Every linear layer's output is rounded to ``dtype`` (what fp16/bf16 matmuls return), and
-    the ``hot`` layer's output is computed ``OVERFLOW_SCALE`` times larger and scaled back, as
-    in models whose feed-forward activations pass 65504 (T5, Gemma). In fp32 and bf16 the
-    scaling is exact, so training is unchanged; in fp16 the large activation rounds to inf.
-    """
-
-    def __init__(self, model: torch.nn.Module, hot: str, dtype: torch.dtype | None) -> None:
-        self.dtype = dtype
-        self.max_abs = 0.0
-        self._peak: list[torch.Tensor] = []
-        self._handles = []
-        for name, mod in model.named_modules():
-            if type(mod).__name__ not in ("Linear", "Conv1D"):
-                continue
-            if name == hot:
-                self._handles.append(mod.register_forward_hook(self._hot))
-            elif dtype is not None:
-                self._handles.append(mod.register_forward_hook(self._round))
-
-    def _round(self, module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-        return out.to(self.dtype).to(out.dtype)
-
-    def _hot(self, module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-        big = out * OVERFLOW_SCALE
-        if module.training and len(self._peak) < 4:
-            self._peak.append(big.detach().abs().amax())
-        if self.dtype is not None:
-            big = big.to(self.dtype).to(out.dtype)
-        return big / OVERFLOW_SCALE
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._peak:
-            self.max_abs = float(torch.stack(self._peak).max())  # read once, at the end
-
-
-def fp16_overflow(setup: Setup, root: Path) -> ScenarioResult:
-    """A feed-forward activation beyond fp16's 65504, trained in (simulated) fp16.
-
-    Unguarded: the user's ``fp16=True``, simulated by rounding linear outputs to fp16 (the
-    CPU has no fp16 training: the Trainer would silently use fp32): the activation is inf, the
-    loss NaN from the first step, the weights NaN after it. Guarded: the precision policy
-    (:func:`finitetune.choose_precision` for this device) picks the dtype, and the same
-    simulation rounds to that dtype instead; the guard stays on as the backstop.
-    """
-    from finitetune.precision.policy import choose_precision
-
-    hot, _module = mlp_projection(setup.model)
-    plan = choose_precision(setup.model, device="cpu", requested="auto")
-    compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.dtype)
-    sims: dict[str, ReducedPrecision] = {}
-
-    def simulate(role: str, dtype: torch.dtype | None) -> Callable[[Any], list[Any]]:
-        def install(model: Any) -> list[Any]:
-            sims[role] = ReducedPrecision(model, hot, dtype)
-            return [sims[role]]
-        return install
-
-    rows = setup.take(STEPS * BATCH)
-    u = run_arm(setup, root / "unguarded", "unguarded", rows, STEPS,
-                inject=simulate("unguarded", torch.float16))
-    g = run_arm(setup, root / "guarded", "guarded", rows, STEPS, guard=GuardConfig(),
-                inject=simulate("guarded", compute))
-    peak = sims["guarded"].max_abs
-    reproduce = [
-        Check("report: " + (", ".join(f.rule for f in u.findings()) or "healthy"),
-              u.has_finding("hidden_nan_loss", "nan_loss", "nonfinite_grad")),
-        Check("final parameters NaN" if not u.params_finite else "final parameters finite",
-              not u.params_finite),
-    ]
-    fix = [Check(f"precision plan: {plan.dtype}, not fp16", plan.dtype != "fp16"),
-           Check(f"the activation really passes fp16's max in the guarded run too "
-                 f"(|x| up to {peak:.3g} > {FP16_MAX:g})", peak > FP16_MAX),
-           *common_fix_checks(g)]
-    rows_table = [("precision", "fp16 (simulated rounding)",
-                   f"{plan.dtype} (choose_precision)"),
-                  (f"max |activation| of {hot}", "inf in fp16", f"{peak:.3g}")]
-    notes = [f"precision plan for this machine: {plan}"]
-    return ScenarioResult("fp16_overflow", "an activation overflow in reduced precision",
-                          f"{hot} output x{OVERFLOW_SCALE:.0f} (|x| > 65504), rounded to the "
-                          "compute dtype", u, g, reproduce, fix, rows_table, notes)
 
 
 # --------------------------------------------------------------------------- 5. LR
@@ -356,25 +202,21 @@ def lr_divergence(setup: Setup, root: Path) -> ScenarioResult:
     loss_u = u.stat("loss")
     exploded = bool(loss_u and loss_u.first and (
         loss_u.nan + loss_u.inf > 0 or (loss_u.max or 0) > 2 * loss_u.first))
-    backoffs = [e for e in g.events if e.get("action") in ("rollback", "reduce_lr")]
+    backoffs = [e for e in g.events if e.get("action") in (Action.ROLLBACK, Action.REDUCE_LR)]
     scale = g.report.guard.get("counters", {}).get("guard/lr_scale", 1.0)
     reproduce = [
-        Check(f"loss exploded (max {_num(loss_u.max if loss_u else None)} vs first "
-              f"{_num(loss_u.first if loss_u else None)})", exploded),
+        Check(f"loss exploded (max {num(loss_u.max if loss_u else None)} vs first "
+              f"{num(loss_u.first if loss_u else None)})", exploded),
         Check("report: " + (", ".join(f.rule for f in u.findings()) or "healthy"),
               u.has_finding("loss_not_decreasing", "nan_loss", "hidden_nan_loss")),
     ]
     fix = [Check(f"guard backed off the LR {len(backoffs)} time(s) (LR x{scale:g}) at step(s) "
-                 f"{_steps([int(e['step']) for e in backoffs]) or 'none'}", bool(backoffs)),
+                 f"{steps_text([int(e['step']) for e in backoffs]) or 'none'}", bool(backoffs)),
            *common_fix_checks(g)]
     rows_table = [("LR scale at the end", "1", f"{scale:g}")]
     return ScenarioResult("lr_divergence", "a learning rate that diverges",
                           f"peak LR {DIVERGENT_LR:g} after {WARMUP} warm-up steps "
                           f"({LR_STEPS} steps)", u, g, reproduce, fix, rows_table)
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
 
 
 SCENARIOS: dict[str, Callable[[Setup, Path], ScenarioResult]] = {

@@ -19,7 +19,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from finitetune import distributed
 from finitetune.guard.guard import Guard
-from finitetune.guard.policy import StepOutcome
+from finitetune.guard.policy import Reason, StepOutcome
 from finitetune.guard.rank_check import RankCheck
 from finitetune.guard.snapshot import Snapshot
 from finitetune.guard.stats import GRAD_FIELDS, GradStats, acc_dtype
@@ -150,7 +150,7 @@ class ZeroGuard(Guard):
         hook = self._user_hook
         record = hook(outcome) if hook is not None else None
         record = dict(record) if isinstance(record, dict) else {}
-        if getattr(outcome.reason, "value", None) in ("nonfinite_grad", "norm_overflow"):
+        if outcome.reason in (Reason.NONFINITE_GRAD, Reason.NORM_OVERFLOW):
             named = self._zero_stats.named_partition_grads(self.engine.param_names)
             bad: list[str] = []
             if named:

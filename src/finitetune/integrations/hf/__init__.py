@@ -10,8 +10,8 @@ from finitetune._lazy import lazy_getattr
 _EXPORTS = {
     "GuardCallback": "finitetune.integrations.hf.callback",
     "guard_of": "finitetune.integrations.hf.mixin",
-    "GuardedTrainerMixin": "finitetune.integrations.hf.mixin",
-    "guarded": "finitetune.integrations.hf.mixin",
+    "GuardedTrainerMixin": "finitetune.integrations.hf.callback",
+    "guarded": "finitetune.integrations.hf.callback",
     "CheckpointCallback": "finitetune.integrations.hf.checkpoint_callback",
 }
 

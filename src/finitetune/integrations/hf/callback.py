@@ -38,11 +38,10 @@ from finitetune.integrations.hf.seams import check_trainer
 from finitetune.integrations.hf.session import GuardSession
 from finitetune.settings.config import GuardConfig
 
-__all__ = ["GuardCallback", "GuardedTrainerMixin", "guard_of", "guarded"]
+__all__ = ["GuardCallback", "GuardedTrainerMixin", "adopt", "guard_of", "guarded"]
 
-GuardedTrainerMixin = _mixin.GuardedTrainerMixin
-guarded = _mixin.guarded
 guard_of = _mixin.guard_of
+_CACHE: dict[type, type] = {}
 
 
 class GuardCallback(TrainerCallback, ExportableState):
@@ -124,7 +123,7 @@ class GuardCallback(TrainerCallback, ExportableState):
             self.output_dir = self.output_dir or previous.output_dir
             self.attribution = previous.attribution
         self.trainer = trainer
-        _mixin.adopt(trainer)
+        adopt(trainer)
         trainer.__dict__["_finitetune_callback"] = self
         return self
 
@@ -145,7 +144,7 @@ class GuardCallback(TrainerCallback, ExportableState):
         previous = trainer.__dict__.pop("_finitetune_session", None)
         if previous is not None:
             previous.close()
-        check_trainer(trainer, _mixin.GuardedTrainerMixin)
+        check_trainer(trainer, _mixin.GuardOverrides)
         self.guard = self._make_guard(trainer, args, state)
         session_cls: type[GuardSession] = GuardSession
         if getattr(trainer, "is_deepspeed_enabled", False):  # the decision inside ZeRO's step
@@ -236,6 +235,47 @@ class GuardCallback(TrainerCallback, ExportableState):
             "args": {"config": self.config.to_dict(), "attribution": attribution},
             "attributes": {"guard_state": self.guard.state_dict() if self.guard else None},
         }
+
+
+class GuardedTrainerMixin(_mixin.GuardOverrides):
+    """Put first in a Trainer's bases: ``class T(GuardedTrainerMixin, SFTTrainer)``.
+
+    The guard's overrides (:class:`~finitetune.integrations.hf.mixin.GuardOverrides`), and a
+    default :class:`GuardCallback` when the Trainer is built without one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        handler = self.callback_handler  # type: ignore[attr-defined]
+        if not any(isinstance(cb, GuardCallback) for cb in handler.callbacks):
+            handler.add_callback(GuardCallback())
+        _mixin.bind_callbacks(self)
+
+
+def guarded(trainer_cls: type) -> type:
+    """``trainer_cls`` with the guard built in (cached: one class per Trainer class).
+
+    ``guarded(Trainer)``, ``guarded(Seq2SeqTrainer)``, ``guarded(trl.DPOTrainer)``, ... The
+    result is a subclass, so ``isinstance`` checks and the class's own overrides still hold.
+    """
+    if issubclass(trainer_cls, GuardedTrainerMixin):
+        return trainer_cls
+    cls = _CACHE.get(trainer_cls)
+    if cls is None:
+        name = f"Guarded{trainer_cls.__name__}"
+        cls = type(name, (GuardedTrainerMixin, trainer_cls),
+                   {"__module__": __name__, "__qualname__": name,
+                    "__doc__": f"{trainer_cls.__name__} with finitetune's gradient guard."})
+        _CACHE[trainer_cls] = cls
+    return cls
+
+
+def adopt(trainer: Any) -> None:
+    """Make an existing Trainer instance guarded: its class becomes ``guarded(type(trainer))``
+    (same state, same methods, the mixin's overrides in front). Idempotent."""
+    if not isinstance(trainer, GuardedTrainerMixin):
+        trainer.__class__ = guarded(type(trainer))
+    _mixin.remember(trainer)
 
 
 _mixin.install_construction_hook()

@@ -1,6 +1,11 @@
-"""``guarded(TrainerClass)`` / ``GuardedTrainerMixin``: the gradient guard inside a Trainer class.
+"""The gradient guard inside a Trainer class: ``GuardOverrides``, and how callbacks find their
+Trainer.
 
-One implementation serves every way in:
+``GuardOverrides`` holds the Trainer methods the guard overrides; the public mixin built on it
+(``GuardedTrainerMixin``, ``guarded(TrainerClass)``) lives with ``GuardCallback`` in
+:mod:`~finitetune.integrations.hf.callback`, because a guarded Trainer needs a callback and the
+callback makes Trainers guarded: keeping the overrides here, below both, is what keeps the two
+modules from importing each other. One implementation serves every way in:
 
 - ``guarded(SFTTrainer)(model=..., args=..., ...)`` or ``class MyTrainer(GuardedTrainerMixin,
   Seq2SeqTrainer)``: explicit, for ``transformers.Trainer``, ``Seq2SeqTrainer`` and every TRL
@@ -30,9 +35,9 @@ from typing import Any
 
 from finitetune.integrations.hf.session import GuardSession
 
-__all__ = ["GuardedTrainerMixin", "guard_of", "guarded", "install_construction_hook"]
+__all__ = ["GuardOverrides", "bind_callbacks", "guard_of", "install_construction_hook", "remember",
+           "trainer_holding"]
 
-_CACHE: dict[type, type] = {}
 _TRAINERS: weakref.WeakSet = weakref.WeakSet()
 """Trainers adopted in this process: where a callback restored from a checkpoint (a new
 instance the Trainer builds itself) finds the Trainer it belongs to."""
@@ -40,8 +45,8 @@ _HOOK_MARK = "_finitetune_construction_hook"
 _auto_attach: Callable[[Any], None] | None = None
 
 
-class GuardedTrainerMixin:
-    """Put first in a Trainer's bases: ``class T(GuardedTrainerMixin, SFTTrainer)``.
+class GuardOverrides:
+    """The Trainer methods the guard overrides (the base of ``GuardedTrainerMixin``).
 
     The overrides are inert until the ``GuardCallback`` starts a session in ``on_train_begin``;
     the Trainer's own methods then run inside them (see the module docstring).
@@ -52,15 +57,6 @@ class GuardedTrainerMixin:
     def _finitetune_active(self) -> GuardSession | None:
         session = self._finitetune_session
         return session if session is not None and not session.closed else None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        from finitetune.integrations.hf.callback import GuardCallback
-
-        handler = self.callback_handler  # type: ignore[attr-defined]
-        if not any(isinstance(cb, GuardCallback) for cb in handler.callbacks):
-            handler.add_callback(GuardCallback())
-        _bind_callbacks(self)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``; afterwards (also after an exception) every wrap is undone, and a
@@ -108,29 +104,8 @@ class GuardedTrainerMixin:
         return super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 
-def guarded(trainer_cls: type) -> type:
-    """``trainer_cls`` with the guard built in (cached: one class per Trainer class).
-
-    ``guarded(Trainer)``, ``guarded(Seq2SeqTrainer)``, ``guarded(trl.DPOTrainer)``, ... The
-    result is a subclass, so ``isinstance`` checks and the class's own overrides still hold.
-    """
-    if issubclass(trainer_cls, GuardedTrainerMixin):
-        return trainer_cls
-    cls = _CACHE.get(trainer_cls)
-    if cls is None:
-        name = f"Guarded{trainer_cls.__name__}"
-        cls = type(name, (GuardedTrainerMixin, trainer_cls),
-                   {"__module__": __name__, "__qualname__": name,
-                    "__doc__": f"{trainer_cls.__name__} with finitetune's gradient guard."})
-        _CACHE[trainer_cls] = cls
-    return cls
-
-
-def adopt(trainer: Any) -> None:
-    """Make an existing Trainer instance guarded: its class becomes ``guarded(type(trainer))``
-    (same state, same methods, the mixin's overrides in front). Idempotent."""
-    if not isinstance(trainer, GuardedTrainerMixin):
-        trainer.__class__ = guarded(type(trainer))
+def remember(trainer: Any) -> None:
+    """Note ``trainer`` as guarded in this process (see :func:`trainer_holding`)."""
     _TRAINERS.add(trainer)
 
 
@@ -149,7 +124,7 @@ def guard_of(trainer: Any) -> Any:
     return callback.guard if callback is not None else None
 
 
-def _bind_callbacks(trainer: Any) -> None:
+def bind_callbacks(trainer: Any) -> None:
     """``set_trainer(trainer)`` on every callback that has one (``GuardCallback``,
     ``CheckpointCallback``, ...) and is not bound to it yet."""
     for cb in trainer.callback_handler.callbacks:
@@ -180,12 +155,12 @@ def install_construction_hook(auto_attach: Callable[[Any], None] | None = None) 
         init(self, *args, **kwargs)
         if _auto_attach is not None:
             _auto_attach(self)
-        _bind_callbacks(self)
+        bind_callbacks(self)
 
     @functools.wraps(add_callback)
     def add_callback_and_bind(self: Any, callback: Any) -> None:
         add_callback(self, callback)
-        _bind_callbacks(self)
+        bind_callbacks(self)
 
     setattr(__init__, _HOOK_MARK, True)
     Trainer.__init__ = __init__  # type: ignore[method-assign]

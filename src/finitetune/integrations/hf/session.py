@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -42,9 +41,9 @@ import torch
 from finitetune.guard.guard import Guard
 from finitetune.guard.policy import Action, StepOutcome
 from finitetune.integrations.hf.seams import missing_decision_error
-from finitetune.numerics.constants import IGNORE_INDEX
+from finitetune.loss.targets import supervised_tokens
 
-__all__ = ["GuardSession", "supervised_tokens"]
+__all__ = ["GuardSession"]
 
 _MISSING = object()
 
@@ -74,7 +73,7 @@ class GuardSession:
     def before_micro_batch(self, inputs: Any) -> tuple[Any, torch.Tensor | None]:
         """Pop the collator's ``sample_ids`` (kept for attribution), count supervised tokens."""
         inputs = self.guard.observe_batch(inputs)
-        return inputs, supervised_tokens(inputs, self.shifts_labels)  # device tensor, no sync
+        return inputs, supervised_tokens(inputs, shift=self.shifts_labels)  # device tensor, no sync
 
     def after_micro_batch(self, loss: Any, tokens: torch.Tensor | None) -> None:
         # training_step's losses (divided by the window's token count or the accumulation
@@ -186,18 +185,3 @@ def _finite(value: Any) -> bool:
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
-
-
-def supervised_tokens(inputs: Any, shifts: bool) -> torch.Tensor | None:
-    """Supervised (shifted) tokens of one micro-batch, counted as the Trainer counts them for
-    ``num_items_in_batch``; a device tensor, no sync. None without labels."""
-    if not isinstance(inputs, Mapping):
-        return None
-    labels = inputs.get("shift_labels")
-    if labels is None:
-        labels = inputs.get("labels")
-        if not isinstance(labels, torch.Tensor):
-            return None
-        if shifts:
-            labels = labels[..., 1:]
-    return labels.ne(IGNORE_INDEX).sum()

@@ -1,4 +1,4 @@
-"""Diagnosis rules: the failure catalogue of DESIGN.md §3, applied to a parsed log.
+"""Diagnosis rules: the known ways a fine-tune fails, each applied to a parsed log.
 
 Each rule looks for one symptom and, when it fires, says what the log shows, what usually
 causes it and what to check. Severity decides the verdict: ``critical`` makes a run unhealthy

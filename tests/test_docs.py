@@ -1,0 +1,54 @@
+"""The documentation a newcomer reads stays short, current and self-contained.
+
+The README is the five-minute path (install and the two-line diff near the top, at most 300
+lines), its figures are the measured ones in ``docs/benchmarks.md``, and nothing in the
+repository points at material a reader of it cannot open (issue trackers, design notes kept
+elsewhere).
+"""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+TABLE = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+
+
+def test_readme_is_short_and_starts_with_install_and_the_diff():
+    lines = README.splitlines()
+    assert len(lines) <= 300
+    head = "\n".join(lines[:60])
+    assert "pip install finitetune" in head
+    assert "+from finitetune import GuardCallback" in head and "callbacks=[GuardCallback()]" in head
+    assert "make demo" in README and "make test" in README
+
+
+def _table_value(area: str, measure: str) -> str:
+    for line in TABLE.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 3 and cells[0] == area and cells[1] == measure:
+            return cells[3]
+    raise AssertionError(f"no row {area} / {measure} in docs/benchmarks.md")
+
+
+def test_readme_demo_figures_are_the_measured_ones():
+    accuracy = _table_value("demo", "exact match after training").rstrip("%")
+    budget = _table_value("demo", "training time / 180 s budget")
+    demo = README[README.index("The demo (`make demo`)"):]
+    demo = demo[:demo.index("\n\n")]
+    assert f"**{accuracy} %**" in demo
+    assert f"{budget} of its 3-minute" in demo
+
+
+def test_nothing_cites_what_a_reader_cannot_open():
+    pattern = re.compile(r"\bissue [0-9]|\u00a7|DESIGN\.md", re.I)
+    found = []
+    for base in ("src", "tests", "bench", "docs"):
+        for path in (ROOT / base).rglob("*"):
+            if path.suffix in {".py", ".md", ".json", ".yaml", ".txt"} and path.is_file() \
+                    and path != Path(__file__):
+                for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                    if pattern.search(line):
+                        found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:80]}")
+    found += [f"README.md: {m.group(0)}" for m in pattern.finditer(README)]
+    assert not found, "\n".join(found)
