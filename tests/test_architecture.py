@@ -200,3 +200,86 @@ def test_import_rules_cover_every_package():
                  if not any(fnmatch.fnmatchcase(m, pattern) for pattern, _ in RULES
                             for m in MODULES if m == pkg or m.startswith(pkg + "."))]
     assert not uncovered, f"packages without an import rule in docs/architecture.md: {uncovered}"
+
+
+# Underscore names of the standard library that are public API in all but name.
+STDLIB_PRIVATE = {
+    "_replace": "namedtuple._replace, documented namedtuple API",
+    "_asdict": "namedtuple._asdict, documented namedtuple API",
+    "_SubParsersAction": "argparse's type of add_subparsers(), for the verbs' annotations",
+}
+
+
+def _listed_private_names() -> set[str]:
+    """Every underscore name some seam list holds (the last part of each dotted name)."""
+    from finitetune.integrations.deepspeed.engine import SEAMS as DEEPSPEED
+    from finitetune.integrations.hf.seams import SEAMS as LIBRARIES
+    from finitetune.numerics.torch_seams import TORCH_SEAMS
+
+    names = {seam.name.split("(")[0] for seam in LIBRARIES}
+    names |= {name for attrs in DEEPSPEED.values() for name in attrs}
+    for dotted in TORCH_SEAMS:
+        names.update(dotted.split("."))
+    return names | set(STDLIB_PRIVATE)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses() -> dict[str, list[str]]:
+    """Underscore names finitetune uses on objects it does not own: attributes of anything but
+    ``self``/``cls`` (read, written or wrapped), names in ``getattr``-style calls, private
+    names imported from other packages, and private modules; minus the names finitetune itself
+    defines (functions, classes, ``self._x`` attributes, variables)."""
+    defined: set[str] = set()
+    uses: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{module}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, ast.arg):
+                defined.add(node.arg)
+            elif isinstance(node, ast.Attribute) and _private(node.attr):
+                if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                    if isinstance(node.ctx, ast.Store):
+                        defined.add(node.attr)
+                else:
+                    uses.setdefault(node.attr, []).append(where)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+                  and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+                  and isinstance(node.args[1].value, str) and _private(node.args[1].value)):
+                uses.setdefault(node.args[1].value, []).append(where)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                base = getattr(node, "module", None) or ""
+                if base.startswith("finitetune") or getattr(node, "level", 0):
+                    continue
+                for alias in node.names:
+                    full = f"{base}.{alias.name}" if base else alias.name
+                    for part in full.split("."):
+                        if _private(part):
+                            uses.setdefault(part, []).append(where)
+    return {name: where for name, where in uses.items() if name not in defined}
+
+
+def test_every_private_library_name_is_listed():
+    """A private (underscore) name of transformers, accelerate, PEFT, DeepSpeed or torch is
+    used only if a seam list holds it, with its versions and reason: the start-up checks and
+    the version matrix cover exactly what the code relies on."""
+    unlisted = {name: where for name, where in _private_uses().items()
+                if name not in _listed_private_names()}
+    assert not unlisted, "private names used but in no seam list:\n" + "\n".join(
+        f"{name}: {', '.join(where[:3])}" for name, where in sorted(unlisted.items()))
+
+
+def test_the_private_name_scan_finds_a_planted_use(tmp_path, monkeypatch):
+    """The scan can fail: a module that reads a library's ``_secret`` is reported."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("import torch\n\ndef f(x):\n    return x._secret + torch._other\n")
+    monkeypatch.setitem(MODULES, "finitetune.planted", planted)
+    uses = _private_uses()
+    assert "_secret" in uses and "_other" in uses

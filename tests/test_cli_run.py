@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
     args = TrainingArguments(output_dir=sys.argv[1], max_steps=int(sys.argv[2]),
                              per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
                              save_strategy="no", report_to="none", use_cpu=True,
-                             disable_tqdm=True, train_sampling_strategy="sequential")
+                             disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=rows).train()
     bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
     print(f"nonfinite parameters: {bad}")
@@ -79,6 +79,30 @@ def test_a_halt_returns_exit_code_3(tmp_path):
     assert "NonFiniteHalt" in r.stderr and "halted by the guard at step 2" in r.stdout
     assert [(e["step"], e["action"]) for e in _lines(tmp_path / "out" / "events.jsonl")] == [
         (2, "halt")]
+
+
+# A release the guard cannot stand on: the program runs with an accelerate whose Accelerator has
+# no clip_grad_norm_ (simulated before the Trainer is built).
+NO_CLIP_SEAM = SCRIPT.replace("import sys\n", "import sys\nimport accelerate\n"
+                              "del accelerate.Accelerator.clip_grad_norm_\n", 1)
+
+
+@pytest.mark.slow
+def test_a_refusing_guard_is_reported_as_the_guards_refusal(tmp_path):
+    # Fault: a missing seam. Must: the Trainer is refused when it is built (no step trained,
+    # no events), finitetune run says the guard refused it and why (not "nothing was
+    # guarded"), and exits non-zero.
+    script = tmp_path / "train.py"
+    script.write_text(NO_CLIP_SEAM)
+    cmd = [sys.executable, "-m", "finitetune", "run", "--", sys.executable, str(script),
+           str(tmp_path / "out"), "3"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "finitetune run: the guard refused to train Trainer" in r.stderr
+    assert "accelerate.Accelerator.clip_grad_norm_" in r.stderr
+    assert "nothing was guarded" not in r.stderr + r.stdout
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 # The program's own fault: its callback turns one weight +inf after optimizer step 3 (a bug

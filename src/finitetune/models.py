@@ -136,13 +136,15 @@ def load_model(path: str, *, trust_remote_code: bool = False, dtype: Any = None,
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finitetune.integrations.hf.seams import dtype_kwargs
+
     if Path(path).is_dir():
         check_model_dir(path)  # refuses pickled-only weights before transformers sees them
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             trust_remote_code=trust_remote_code,
-            dtype=dtype or torch.float32,
+            **dtype_kwargs(dtype or torch.float32),
             use_safetensors=True,  # never fall back to pytorch_model.bin (pickle)
         )
     except (OSError, ValueError) as exc:

@@ -40,10 +40,12 @@ def materialise_smollm2() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finitetune.integrations.hf.seams import dtype_kwargs
+
     print(f"finitetune: dequantising {SMOLLM2_GGUF} once into {target} (about 30 s)", flush=True)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(
-        str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        str(src), gguf_file=SMOLLM2_GGUF, **dtype_kwargs(torch.float32)
     )
     # A model that still carries its GGUF quantization config is refused by Trainer.
     setattr(model, "hf_quantizer", None)  # noqa: B010 (nn.Module attribute typing)

@@ -51,11 +51,15 @@ def collect(precision: str = "auto", device: str | None = None, model: str | Non
     """Everything ``finitetune env`` prints, as a dict. Precision errors are kept, not raised."""
     import torch
 
+    from finitetune.integrations.hf.seams import TESTED, capabilities
     from finitetune.precision.policy import FP16_MAX, choose_precision, describe_device
     from finitetune.precision.probe import call_or_default
 
     report: dict[str, Any] = {
         "versions": versions(),
+        "tested": {name: f"{lo} to {hi}" for name, (lo, hi) in TESTED.items()},
+        "capabilities": [{"capability": name, "available": ok, "how": how}
+                         for name, ok, how in capabilities()],
         "platform": platform.platform(),
         "torch_build": {"cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
                         "cudnn": call_or_default(torch.backends.cudnn.version),
@@ -108,6 +112,12 @@ def render(report: dict[str, Any]) -> str:
     lines = ["finitetune env (paste this into your bug report)", "", "versions:"]
     for name, version in report["versions"].items():
         lines.append(f"- {name}: {version or 'not installed'}")
+    lines += ["", "tested releases (the CI matrix):"]
+    lines += [f"- {name}: {span}" for name, span in report["tested"].items()]
+    lines += ["", "what the installed releases support:"]
+    lines += [f"- {c['capability']}: {'yes' if c['available'] else 'NO'} ({c['how']})"
+              for c in report["capabilities"]]
+    lines.append("")
     build = report["torch_build"]
     lines += [f"- platform: {report['platform']}",
               f"- torch build: CUDA {build['cuda'] or 'none'}, ROCm {build['hip'] or 'none'}, "

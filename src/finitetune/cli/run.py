@@ -168,6 +168,12 @@ def _run_program(command: list[str], env: dict[str, str]) -> int:
 
 def _conclude(runs: list[Any], rc: int, args: argparse.Namespace) -> int:
     out = sys.stdout
+    refused = [r for r in runs if r.refused]
+    for run in refused:
+        print(f"finitetune run: the guard refused to train {run.trainer} (output_dir "
+              f"{run.output_dir}): {run.refused}", file=sys.stderr)
+    if refused:  # the program stopped at the refusal: nothing of it trained unguarded
+        return rc or 2
     if not runs:
         print("finitetune run: the program built no transformers.Trainer that started "
               "training: nothing was guarded.", file=sys.stderr)

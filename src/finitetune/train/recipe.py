@@ -185,10 +185,13 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     from finitetune import distributed
     from finitetune.data.pipeline import describe, load_data_records, prepare_rows, tokenize_with
     from finitetune.integrations.hf.hidden_loss import choose_loss
+    from finitetune.integrations.hf.seams import check_environment
     from finitetune.models import load_model, load_tokenizer, resolve_model
     from finitetune.precision.policy import choose_precision
 
-    # 1. everything that can be wrong with the input, before writing anything
+    # 1. everything that can be wrong with the input, before writing anything: first the
+    # installed transformers / accelerate (cheap), before any data, model or evaluation
+    check_environment()
     cfg = dataclasses.replace(cfg, output_dir=str(default_output_dir(cfg)))
     if not distributed.is_distributed():  # else rank 0 checks it in make_run_dir, and says so
         check_output_dir(cfg)

@@ -194,6 +194,7 @@ def build_trainer(
     from transformers import PrinterCallback, TrainingArguments
 
     from finitetune.integrations.hf import trainer as wiring
+    from finitetune.integrations.hf.seams import sequential_kwargs, use_sequential_sampler
 
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
@@ -201,12 +202,13 @@ def build_trainer(
         max_grad_norm=MAX_GRAD_NORM, logging_steps=1, report_to=[],
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         save_total_limit=2,
-        use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=SEED,
-        data_seed=SEED, remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=True, disable_tqdm=True, seed=SEED, data_seed=SEED,
+        remove_unused_columns=False, dataloader_num_workers=0, **sequential_kwargs(),
     )
     trainer, tracker = wiring.build_trainer(
         setup.fresh_model(), args, rows, pad_token_id=setup.tokenizer.pad_token_id,
         guard=guard, safe_loss=safe_loss)
+    use_sequential_sampler(trainer)  # in-order data on releases without the argument
     trainer.remove_callback(PrinterCallback)  # the Trainer's log dicts would bury the tables
     return trainer, tracker
 

@@ -67,14 +67,14 @@ SEAMS: dict[str, tuple[str, ...]] = {
     "DeepSpeedZeroOptimizer": ("step", "averaged_gradients", "check_overflow",
                                "check_grad_overflow", "overflow", "_global_grad_norm",
                                "loss_scale", "update_lp_params", "params_in_partition",
-                               "cpu_offload", "dp_process_group"),
+                               "cpu_offload", "dp_process_group", "dynamic_loss_scale"),
     "DeepSpeedZeroOptimizer_Stage3": ("step", "averaged_gradients",
                                       "_overflow_check_and_loss_scale_update", "overflow",
                                       "fp32_partitioned_groups_flat",
                                       "_global_grad_norm", "loss_scale", "fp16_groups",
                                       "offload_optimizer", "dp_process_group"),
     "DeepSpeedEngine": ("backward", "optimizer", "zero_optimization_stage",
-                        "gradient_clipping", "skipped_steps"),
+                        "gradient_clipping", "skipped_steps", "param_names"),
 }
 """Attributes of DeepSpeed objects the guard reads or wraps, per class (checked at start-up)."""
 
@@ -176,7 +176,7 @@ class ZeroSession(GuardSession):
     DeepSpeed: the decision moves into the ZeRO optimizer's ``step`` (module docstring).
 
     Its extra seams (``engine.backward``, the ZeRO optimizer's ``step``) are wrapped and undone
-    like the session's own. The Trainer still asks for the norm (``_clip_grad_norm``) and steps
+    like the session's own. The Trainer still asks for the norm (its Accelerator's ``clip_grad_norm_``) and steps
     accelerate's no-op optimizer wrapper afterwards: both find the decision already taken; the
     LR scheduler is held by DeepSpeed's overflow flag, not by the session.
     """

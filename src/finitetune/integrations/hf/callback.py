@@ -34,7 +34,7 @@ from finitetune.errors import ConfigError
 from finitetune.guard.attribution import AttributionConfig, Attributor
 from finitetune.guard.guard import Guard
 from finitetune.integrations.hf import mixin as _mixin
-from finitetune.integrations.hf.seams import check_trainer
+from finitetune.integrations.hf.seams import check_trainer, shifts_labels
 from finitetune.integrations.hf.session import GuardSession
 from finitetune.settings.config import GuardConfig
 
@@ -49,7 +49,7 @@ class GuardCallback(TrainerCallback, ExportableState):
 
     What it changes in the Trainer, for the duration of ``train()``:
 
-    - **Clipping is taken over.** The Trainer's ``_clip_grad_norm`` does not run. The guard
+    - **Clipping is taken over.** The Trainer's own clipping does not run. The guard
       clips to ``GuardConfig.max_grad_norm`` if set, else to ``args.max_grad_norm``, with the
       pre-clip norm it already computed and only after deciding to apply the step; on clean
       steps the result is bit-identical to the Trainer's own clipping. The logged ``grad_norm``
@@ -113,7 +113,11 @@ class GuardCallback(TrainerCallback, ExportableState):
     # ---- binding ------------------------------------------------------------------------------
     def set_trainer(self, trainer: Any) -> GuardCallback:
         """Bind to ``trainer`` and make it guarded (done for you when the Trainer is built with
-        this callback or it is added with ``add_callback``). Returns ``self``."""
+        this callback or it is added with ``add_callback``). Returns ``self``.
+
+        Checks every seam the guard needs here, at construction, so an unsupported release
+        or set-up is refused before any data is loaded or step taken."""
+        check_trainer(trainer)
         previous = trainer.__dict__.get("_finitetune_callback")
         if previous is not None and previous is not self \
                 and all(cb is not previous for cb in trainer.callback_handler.callbacks):
@@ -144,13 +148,12 @@ class GuardCallback(TrainerCallback, ExportableState):
         previous = trainer.__dict__.pop("_finitetune_session", None)
         if previous is not None:
             previous.close()
-        check_trainer(trainer, _mixin.GuardOverrides)
+        check_trainer(trainer)
         self.guard = self._make_guard(trainer, args, state)
         session_cls: type[GuardSession] = GuardSession
         if getattr(trainer, "is_deepspeed_enabled", False):  # the decision inside ZeRO's step
             from finitetune.integrations.deepspeed.engine import ZeroSession as session_cls
-        session = session_cls(trainer, self.guard,
-                              shifts_labels=trainer._loss_shifts_labels)  # a checked seam
+        session = session_cls(trainer, self.guard, shifts_labels=shifts_labels(trainer))
         trainer.__dict__["_finitetune_session"] = session
         # bound late (the callback reached the Trainer some other way): no train() wrapper
         # will raise the halt, so on_train_end does

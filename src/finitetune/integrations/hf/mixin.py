@@ -18,10 +18,11 @@ modules from importing each other. One implementation serves every way in:
   ``guarded(type(trainer))``. A Trainer without one is left exactly as it was.
 - ``finitetune run``: the same hook, in a mode that adds a ``GuardCallback`` to every Trainer.
 
-The mixin overrides ``train`` (undo every wrap on every exit path, then raise a halt),
-``training_step`` (feed the guard each micro-batch's loss and token count), ``log`` (guard
-counters, honest loss) and the two private clipping methods listed in
-:mod:`~finitetune.integrations.hf.seams`. Each override does nothing but call the
+The overrides are public Trainer methods only: ``train`` (undo every wrap on every exit path,
+then raise a halt), ``training_step`` (feed the guard each micro-batch's loss and token count)
+and ``log`` (guard counters, honest loss). Clipping is taken over where every transformers
+release clips, the Trainer's Accelerator's ``clip_grad_norm_``, by the session
+(:mod:`~finitetune.integrations.hf.session`). Each override does nothing but call the
 Trainer's own method unless a guard session is active, i.e. between the ``GuardCallback``'s
 ``on_train_begin`` and the end of ``train()``: removing the callback un-guards the Trainer.
 """
@@ -82,20 +83,6 @@ class GuardOverrides:
         loss = super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
         session.after_micro_batch(loss, tokens)
         return loss
-
-    # The two private methods below are listed in trainer_seams.PRIVATE_TRAINER_SEAMS and
-    # checked at the start of training (exist, tested signature, not overridden elsewhere).
-    def _clip_grad_norm(self, model: Any) -> Any:
-        session = self._finitetune_active()
-        if session is None:
-            return super()._clip_grad_norm(model)  # type: ignore[misc]
-        return session.decide()  # the guard clips, with its own norm, only if it applies
-
-    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
-        session = self._finitetune_active()
-        if session is None:
-            return super()._get_grad_norm(model, grad_norm)  # type: ignore[misc]
-        return session.decide() if grad_norm is None else grad_norm
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         session = self._finitetune_active()

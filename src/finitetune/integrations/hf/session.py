@@ -2,9 +2,14 @@
 
 Started by the ``GuardCallback`` in ``on_train_begin`` (after accelerate prepared the optimizer
 and the scheduler exists), closed at ``on_train_end`` and again, idempotently, in the mixin's
-``train`` ``finally`` (exceptions). It owns two public seams, as instance-level wrappers it
+``train`` ``finally`` (exceptions). It owns three public seams, as instance-level wrappers it
 installs and removes:
 
+- the Trainer's Accelerator's ``clip_grad_norm_``: where every transformers release clips
+  (``_clip_grad_norm`` / ``_get_grad_norm`` from 5.3, inline before): the call becomes the
+  guard's decision, which returns the pre-clip norm and clips only if it applies the step. A
+  Trainer that clips nothing (``max_grad_norm`` 0 on releases before 5.3) gets the decision at
+  the optimizer's ``step`` instead;
 - the optimizer's ``step`` (accelerate's ``AcceleratedOptimizer`` on the Trainer): on a skip
   it is simply not called, so parameters and every optimizer-state entry stay bit-identical;
 - the LR scheduler's ``step``: for the run, ``trainer.lr_scheduler`` is a thin holder around
@@ -64,6 +69,7 @@ class GuardSession:
         self._undo: list[tuple[Any, str, Any]] = []
         self._window: list[StepOutcome] = []
         self._run_sum, self._run_n, self._run_handled = 0.0, 0, False
+        self._wrap(trainer.accelerator, "clip_grad_norm_", self._guarded_clip)
         self._wrap(trainer.optimizer, "step", self._guarded_optimizer_step(trainer.optimizer))
         scheduler = trainer.lr_scheduler
         if scheduler is not None and not _metric_driven(scheduler):
@@ -98,6 +104,13 @@ class GuardSession:
             self.halt = self.guard.halt_error(outcome)
         return outcome.grad_norm
 
+    def _guarded_clip(self, parameters: Any, max_norm: float, norm_type: float = 2,
+                      **kwargs: Any) -> float:
+        """``accelerator.clip_grad_norm_`` during the run: the guard decides (and clips, with
+        its own norm and only if it applies the step); the Trainer logs the returned norm."""
+        del parameters, max_norm, norm_type, kwargs  # the guard clips its own parameter groups
+        return self.decide()
+
     def _guarded_optimizer_step(self, optimizer: Any) -> Any:
         step = optimizer.step
 
@@ -105,8 +118,10 @@ class GuardSession:
         # that step was overridden)
         @functools.wraps(step)
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if self.pending is None and not self.trainer.args.max_grad_norm:
+                self.decide()  # a Trainer that clips nothing asks nothing (before 5.3)
             outcome, self.pending = self.pending, None
-            if outcome is None:  # the Trainer did not ask: it may have clipped a NaN norm
+            if outcome is None:  # the Trainer clipped some other way: maybe a NaN norm
                 raise missing_decision_error(self.guard.max_grad_norm)
             if outcome.applied:
                 return step(*args, **kwargs)

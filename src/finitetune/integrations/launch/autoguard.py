@@ -99,6 +99,8 @@ def attach(trainer: Any) -> None:
     handler = trainer.callback_handler
     guard_cb = next((cb for cb in handler.callbacks if isinstance(cb, GuardCallback)), None)
     events_dir = Path(s.get("events_dir") or trainer.args.output_dir)
+    if s["guard"] or guard_cb is not None:
+        _check_or_record(trainer, s["manifest"], events_dir)
     if s["guard"] and guard_cb is None:
         guard_cb = GuardCallback(s["config"], output_dir=s.get("events_dir"),
                                  attribution=s["attribution"])
@@ -118,6 +120,22 @@ def attach(trainer: Any) -> None:
     what = "guarding" if guard_cb is not None else "NOT guarding (--no-guard)"
     _say(trainer, f"{what} {type(trainer).__name__}; events and metrics -> {events_dir}"
          + (f"; injecting {', '.join(s['inject'])}" if s["inject"] else ""))
+
+
+def _check_or_record(trainer: Any, manifest: str, events_dir: Path) -> None:
+    """The guard's seam checks at construction; a refusal is recorded for ``finitetune run``
+    (which names it as the guard's refusal) and raised, so the program stops unguarded never."""
+    from finitetune.errors import ConfigError
+    from finitetune.integrations.hf.seams import check_trainer
+    from finitetune.integrations.launch.manifest import refusal_record
+
+    try:
+        check_trainer(trainer)
+    except ConfigError as exc:
+        if trainer.is_world_process_zero():
+            refusal_record(manifest, events_dir, str(trainer.args.output_dir),
+                           type(trainer).__name__, str(exc))
+        raise
 
 
 def _say(trainer: Any, text: str) -> None:

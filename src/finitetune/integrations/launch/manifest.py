@@ -17,7 +17,7 @@ from typing import Any
 
 from finitetune.rundir.jsonio import append_jsonl
 
-__all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest"]
+__all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest", "refusal_record"]
 
 
 def begin_record(manifest: str | os.PathLike, events_dir: Path, output_dir: str,
@@ -37,6 +37,14 @@ def end_record(manifest: str | os.PathLike, events_dir: Path, *, global_step: in
                             "injected": injected, "rank_checksums": rank_checksums})
 
 
+def refusal_record(manifest: str | os.PathLike, events_dir: Path, output_dir: str,
+                   trainer: str, reason: str) -> None:
+    """The guard refused a Trainer when it was built (an unsupported release or set-up)."""
+    append_jsonl(manifest, {"event": "refused", "events_dir": str(events_dir),
+                            "output_dir": output_dir, "trainer": trainer, "reason": reason,
+                            "pid": os.getpid()})
+
+
 @dataclass
 class TrainerRun:
     """One Trainer's ``train()`` as the manifest tells it."""
@@ -49,6 +57,9 @@ class TrainerRun:
     counters: dict[str, Any] = field(default_factory=dict)
     injected: list[str] = field(default_factory=list)
     rank_checksums: list[float | None] = field(default_factory=list)
+    refused: str | None = None
+    """Why the guard refused this Trainer at construction (it never trained guarded)."""
+    trainer: str | None = None
 
 
 def read_manifest(path: str | os.PathLike) -> list[TrainerRun]:
@@ -64,6 +75,10 @@ def read_manifest(path: str | os.PathLike) -> list[TrainerRun]:
             continue  # a line torn by a killed process
         if rec.get("event") == "begin":
             runs.append(TrainerRun(rec["events_dir"], rec.get("output_dir")))
+            continue
+        if rec.get("event") == "refused":
+            runs.append(TrainerRun(rec["events_dir"], rec.get("output_dir"),
+                                   refused=str(rec.get("reason")), trainer=rec.get("trainer")))
             continue
         run = next((r for r in reversed(runs)
                     if r.events_dir == rec.get("events_dir") and not r.finished), None)
