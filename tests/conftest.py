@@ -40,3 +40,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sequential_sampling_on_every_release():
+    """The tests ask ``TrainingArguments(train_sampling_strategy="sequential")`` (transformers
+    5.2+) so that a control run on the data without one step's rows sees the same batches
+    otherwise. On older releases (the CI matrix's lowest environment) the keyword is emulated
+    here, for the tests only: accepted and remembered, and honoured by ``_get_train_sampler``
+    (the same per-instance seam ``finitetune.integrations.hf.seams.use_sequential_sampler``
+    uses). The code under test is unchanged."""
+    import dataclasses
+
+    from transformers import Seq2SeqTrainingArguments, Trainer, TrainingArguments
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        yield
+        return
+    from torch.utils.data import SequentialSampler
+
+    saved = {cls: cls.__init__ for cls in (TrainingArguments, Seq2SeqTrainingArguments)}
+    sampler = Trainer._get_train_sampler
+
+    def accepting(cls):
+        init = saved[cls]
+
+        def __init__(self, *args, train_sampling_strategy="random", **kwargs):
+            init(self, *args, **kwargs)
+            self.__dict__["_test_sampling"] = train_sampling_strategy
+        return __init__
+
+    def get_train_sampler(self, *args, **kwargs):
+        if self.args.__dict__.get("_test_sampling") == "sequential":
+            return SequentialSampler(args[0] if args else self.train_dataset)
+        return sampler(self, *args, **kwargs)
+
+    for cls in saved:
+        cls.__init__ = accepting(cls)
+    Trainer._get_train_sampler = get_train_sampler
+    yield
+    for cls, init in saved.items():
+        cls.__init__ = init
+    Trainer._get_train_sampler = sampler

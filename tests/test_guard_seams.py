@@ -139,17 +139,24 @@ def test_a_newer_release_is_tried_not_refused(tmp_path, monkeypatch, fresh_check
     # Fault: the installed transformers is newer than the newest tested one (simulated by
     # lowering the tested range). Must: every seam is present, so training goes on with one
     # line naming the newest tested release, and the guard works (a NaN step is skipped).
-    monkeypatch.setitem(TESTED, "transformers", ("4.51.3", "5.0.0"))
+    monkeypatch.setitem(TESTED, "transformers", ("4.0.0", "4.0.0"))
     snap = Snapshots()
     t = Trainer(model=tiny_llama(), args=args(tmp_path, 3), train_dataset=rows(),
                 callbacks=[snap, GuardCallback()])
     GradFault(t.model, UP, math.nan, at={2})
     t.train()
     err = capsys.readouterr().err
-    assert err.count("is newer than the newest tested release (5.0.0)") == 1
+    assert err.count("is newer than the newest tested release (4.0.0)") == 1
     assert same(snap.after[2], snap.after[1])
 
 
+HAS_CLIP_METHOD = "_clip_grad_norm" in vars(Trainer)
+needs_clip_method = pytest.mark.skipif(
+    not HAS_CLIP_METHOD, reason="Trainer._clip_grad_norm exists from transformers 5.3; before, "
+    "the Trainer clips inline through the same Accelerator call")
+
+
+@needs_clip_method
 def test_a_subclass_clipping_through_the_trainer_is_guarded(tmp_path):
     # A subclass overrides _clip_grad_norm and calls the Trainer's (releases 5.3+): the clip
     # still goes through the Accelerator, so the guard decides. Fault: NaN at step 2. Must:
@@ -169,6 +176,7 @@ def test_a_subclass_clipping_through_the_trainer_is_guarded(tmp_path):
     assert calls == [0, 1, 2] and same(snap.after[2], snap.after[1])
 
 
+@needs_clip_method
 def test_a_subclass_clipping_its_own_way_stops_before_the_step(tmp_path):
     # Fault: a subclass clips with torch directly (not through the Accelerator): the guard was
     # never asked and the norm may have been NaN. Must: ConfigError at the first optimizer step,
@@ -415,6 +423,9 @@ def test_without_clipping_the_guard_decides_through_get_grad_norm(tmp_path):
     GradFault(t.model, UP, math.nan, at={2})
     t.train()
     assert same(snap.after[2], snap.after[1]) and not same(snap.after[3], snap.after[2])
+    assert guard_of(t).max_grad_norm == 0.0 and guard_of(t).counters["clipped"] == 0
     norms = {h["step"]: h["grad_norm"] for h in t.state.log_history if "grad_norm" in h}
-    assert math.isnan(norms[2]) and norms[1] > 0 and guard_of(t).max_grad_norm == 0.0
-    assert guard_of(t).counters["clipped"] == 0
+    if HAS_CLIP_METHOD:  # 5.3+ logs the norm it asked for; older releases log none at 0
+        assert math.isnan(norms[2]) and norms[1] > 0
+    else:
+        assert norms == {}

@@ -24,20 +24,23 @@ VOCAB = 96
 TOL = dict(atol=1e-5, rtol=1e-5)
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {  # class -> (config class, extra settings); soft-cap / scale chosen to matter
-    "LlamaForCausalLM": (T.LlamaConfig, {}),
-    "MistralForCausalLM": (T.MistralConfig, {}),
-    "Qwen2ForCausalLM": (T.Qwen2Config, {}),
-    "Qwen3ForCausalLM": (T.Qwen3Config, {"head_dim": 8}),
-    "GemmaForCausalLM": (T.GemmaConfig, {"head_dim": 8}),
-    "Gemma2ForCausalLM": (T.Gemma2Config, {"head_dim": 8, "final_logit_softcapping": 1.0}),
-    "Gemma3ForCausalLM": (T.Gemma3TextConfig, {"head_dim": 8, "final_logit_softcapping": 1.0}),
-    "Phi3ForCausalLM": (T.Phi3Config, {"pad_token_id": 0}),
-    "Olmo2ForCausalLM": (T.Olmo2Config, {"pad_token_id": 0}),
-    "SmolLM3ForCausalLM": (T.SmolLM3Config, {"pad_token_id": 0}),
-    "GraniteForCausalLM": (T.GraniteConfig, {"logits_scaling": 4.0}),
-    "CohereForCausalLM": (T.CohereConfig, {"logit_scale": 2.0, "pad_token_id": 0}),
+_FAMILIES = {  # class -> (config class, extra settings); soft-cap / scale chosen to matter
+    "LlamaForCausalLM": ("LlamaConfig", {}),
+    "MistralForCausalLM": ("MistralConfig", {}),
+    "Qwen2ForCausalLM": ("Qwen2Config", {}),
+    "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 8}),
+    "GemmaForCausalLM": ("GemmaConfig", {"head_dim": 8}),
+    "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 8, "final_logit_softcapping": 1.0}),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 8, "final_logit_softcapping": 1.0}),
+    "Phi3ForCausalLM": ("Phi3Config", {"pad_token_id": 0}),
+    "Olmo2ForCausalLM": ("Olmo2Config", {"pad_token_id": 0}),
+    "SmolLM3ForCausalLM": ("SmolLM3Config", {"pad_token_id": 0}),
+    "GraniteForCausalLM": ("GraniteConfig", {"logits_scaling": 4.0}),
+    "CohereForCausalLM": ("CohereConfig", {"logit_scale": 2.0, "pad_token_id": 0}),
 }
+# The families this transformers release ships (SmolLM3 arrived in 4.53, for example).
+CONFIGS = {family: (getattr(T, config), extra) for family, (config, extra) in _FAMILIES.items()
+           if hasattr(T, family) and hasattr(T, config)}
 LORA = {
     "none": None,
     "blocks": dict(target_modules=["q_proj", "v_proj", "up_proj"]),  # head frozen (tied or not)

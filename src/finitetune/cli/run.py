@@ -74,8 +74,8 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
                    help="where events.jsonl, metrics.jsonl and faults/ go (default: each "
                         "Trainer's output_dir)")
     p.add_argument("--inject", action="append", default=[], metavar="KIND@STEP",
-                   help="inject a fault: nan_grad@K, inf_loss@K or empty_batch@K (optimizer "
-                        "step K; add :rankR for one rank); repeatable")
+                   help="inject a fault: nan_grad@K, inf_grad@K, inf_loss@K or empty_batch@K "
+                        "(optimizer step K; add :rankR for one rank); repeatable")
     p.add_argument("--no-guard", action="store_true",
                    help="run the program (and --inject) without the guard, to see the failure")
     p.add_argument("--no-report", action="store_true", help="do not print the health reports")

@@ -45,7 +45,7 @@ __all__ = ["SEAMS", "TESTED", "Seam", "capabilities", "check_checkpoint_seams",
 TESTED: dict[str, tuple[str, str]] = {
     "transformers": ("4.51.3", "5.25.0"),
     "accelerate": ("1.3.0", "1.16.0"),
-    "peft": ("0.18.0", "0.21.2"),
+    "peft": ("0.17.0", "0.21.2"),
     "trl": ("0.18.2", "1.16.0"),
 }
 """The oldest and newest release of each library the CI matrix runs (``.ci/run``); the lower

@@ -26,9 +26,13 @@ from finitetune.numerics.constants import IGNORE_INDEX
 
 __all__ = ["FaultInjector", "RunRecorder", "pick_parameter"]
 
+_GRAD_VALUES = {"nan_grad": math.nan, "inf_grad": math.inf}
+"""The gradient faults and the value each writes into one gradient element."""
+
 
 def pick_parameter(model: torch.nn.Module) -> tuple[str, torch.nn.Parameter]:
-    """The trainable parameter a ``nan_grad`` fault hits: the first one inside a decoder layer
+    """The trainable parameter a ``nan_grad`` / ``inf_grad`` fault hits: the first one inside a
+    decoder layer
     (``layers`` / ``h`` / ``block`` in its name), else the first trainable one."""
     named = [(n, p) for n, p in model.named_parameters()
              if p.requires_grad and p.is_floating_point()]
@@ -57,7 +61,7 @@ class FaultInjector(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         kinds = {s.kind for s in self._mine()}
-        if "nan_grad" in kinds:
+        if kinds & set(_GRAD_VALUES):
             name, param = pick_parameter(model)
             self.param_name = name
             self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook))
@@ -88,11 +92,12 @@ class FaultInjector(TrainerCallback):
 
     # ---- the faults ---------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
-        if "nan_grad" in self._armed and param.grad is not None:
-            with torch.no_grad():
-                param.grad.view(-1)[0] = math.nan
-            self._armed.discard("nan_grad")  # once: NaN + x = NaN for the rest of the window
-            self.fired.append(("nan_grad", self._step))
+        for kind, value in _GRAD_VALUES.items():
+            if kind in self._armed and param.grad is not None:
+                with torch.no_grad():
+                    param.grad.view(-1)[0] = value
+                self._armed.discard(kind)  # once: it stays in the window's accumulated gradient
+                self.fired.append((kind, self._step))
 
     def _forward_hook(self, module: Any, args: Any, out: Any) -> Any:
         if "inf_loss" not in self._armed or not (module.training and torch.is_grad_enabled()):

@@ -7,6 +7,8 @@ Specs (1-based optimizer steps, as the Trainer's ``global_step`` counts them):
 
 - ``nan_grad@K``: NaN in one element of one trainable parameter's gradient during step K (a
   gradient hook, as a backward overflow would leave it; it stays in the accumulated gradient);
+- ``inf_grad@K``: +inf instead of NaN in that element (a finite-looking overflow: the total
+  norm is inf, not NaN, which some trainers' own NaN checks let through);
 - ``inf_loss@K``: +inf is added to the model's loss during step K: the loss is non-finite
   while the gradients stay finite, the case the Trainer's log filter hides best (models that
   return no loss, e.g. under DPO: +inf in one logit instead, which makes the gradients
@@ -27,7 +29,7 @@ from finitetune.errors import ConfigError
 
 __all__ = ["KINDS", "FaultSpec"]
 
-KINDS = ("nan_grad", "inf_loss", "empty_batch")
+KINDS = ("nan_grad", "inf_grad", "inf_loss", "empty_batch")
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?::rank(?P<rank>\d+))?$")
 
 
