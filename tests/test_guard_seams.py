@@ -25,7 +25,8 @@ from transformers import (
 
 from finitetune import GuardCallback, GuardConfig
 from finitetune.errors import ConfigError
-from finitetune.integrations.hf.callback import GuardedTrainerMixin, guard_of, guarded
+from finitetune.integrations.hf.callback import guard_of, guarded
+from finitetune.integrations.hf.mixin import GuardOverrides
 from finitetune.integrations.hf.seams import (
     PRIVATE_TRAINER_SEAMS,
     TESTED_TRANSFORMERS,
@@ -92,7 +93,7 @@ class Snapshots(TrainerCallback):
 def test_every_private_override_is_in_the_one_list():
     # Must: the mixin overrides exactly the private methods the seam list names (a new private
     # override that is not listed, and so not checked, fails here).
-    private = {n for n, v in vars(GuardedTrainerMixin).items()
+    private = {n for n, v in vars(GuardOverrides).items()
                if n.startswith("_") and not n.startswith("__") and callable(v)
                and not n.startswith("_finitetune")}
     assert private == {n for n, sig in PRIVATE_TRAINER_SEAMS.items() if sig is not None}
