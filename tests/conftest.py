@@ -4,6 +4,7 @@ The hub client retries for ~45 s when offline unless HF_HUB_OFFLINE is set *befo
 transformers is imported, so it is set here, at collection time.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,7 +60,16 @@ def _sequential_sampling_on_every_release():
         return
     from torch.utils.data import SequentialSampler
 
-    saved = {cls: cls.__init__ for cls in (TrainingArguments, Seq2SeqTrainingArguments)}
+    with contextlib.suppress(ImportError):  # TRL's configs are TrainingArguments too
+        import trl  # noqa: F401
+
+    def family(cls):
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from family(sub)
+
+    saved = {cls: cls.__init__ for cls in family(TrainingArguments)}
+    assert Seq2SeqTrainingArguments in saved
     sampler = Trainer._get_train_sampler
 
     def accepting(cls):

@@ -9,6 +9,8 @@ over a gradient-accumulation window that holds a fully masked micro-batch.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers as T
@@ -66,9 +68,11 @@ def with_lora(model, kind: str):
     # init_lora_weights=False: B is random too, so the adapters change the logits; with tied
     # embeddings an adapted head keeps the tie (PEFT's advice), so the embedding is adapted too
     tied = bool(model.config.tie_word_embeddings) and kind in ("head", "save_head")
+    # ensure_weight_tying exists from PEFT 0.18; older releases keep the tie without asking
+    tying = {"ensure_weight_tying": tied} if "ensure_weight_tying" in {
+        f.name for f in dataclasses.fields(LoraConfig)} else {}
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                            init_lora_weights=False, ensure_weight_tying=tied,
-                                            **LORA[kind]))
+                                            init_lora_weights=False, **tying, **LORA[kind]))
 
 
 def window(seed: int = 1) -> list[dict]:

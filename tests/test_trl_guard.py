@@ -112,7 +112,7 @@ def test_trl_trainer_with_the_callback_skips_a_nan_step(kind, tmp_path, tiny_mod
     assert math.isnan(logs[BAD]["grad_norm"]) and math.isfinite(logs[BAD]["loss"])
     (ev,) = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert (ev["step"], ev["reason"], ev["action"]) == (BAD, "nonfinite_grad", "skip")
-    assert ev["nonfinite_params"] and "verdict" in ev
+    assert ev.get("nonfinite_params") and "verdict" in ev, ev
 
 
 # ---- finitetune run -- trl ... ----------------------------------------------------------------
@@ -229,9 +229,16 @@ def test_finitetune_run_trl_cli(kind, tmp_path, tiny_model_dir):
     # attribution in the output dir, finite weights, the skip in metrics.jsonl, the report.
     data = _data(kind, tmp_path)
     out = tmp_path / "out"
-    r = _finitetune_run(["--inject", f"nan_grad@{BAD}"],
-                        [str(BIN / "trl"), kind, *_trl_args(kind, tiny_model_dir, data, out)],
-                        tmp_path)
+    program = [str(BIN / "trl"), kind, *_trl_args(kind, tiny_model_dir, data, out)]
+    r = _finitetune_run(["--inject", f"nan_grad@{BAD}"], program, tmp_path)
+    if r.returncode != 0:  # is it the guard, or does this TRL release's CLI fail by itself?
+        control = _finitetune_run(["--no-guard", "--no-report"], program, tmp_path)
+        if control.returncode != 0:
+            import trl
+
+            last = (control.stderr.strip().splitlines() or ["?"])[-1]
+            pytest.skip(f"`trl {kind}` of TRL {trl.__version__} fails on this program without "
+                        f"the guard too: {last}")
     assert r.returncode == 0, r.stderr[-3000:]
     (ev,) = _events(out)
     assert (ev["step"], ev["reason"]) == (BAD, "nonfinite_grad") and ev["nonfinite_params"]

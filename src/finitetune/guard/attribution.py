@@ -161,7 +161,13 @@ class Attributor:
             note = ("not replayed: the model is sharded (FSDP, ZeRO-3); replays need every "
                     "rank in step")
         else:
-            note = self._replay_all(batches, ids, reason, rec, replays, t0)
+            try:
+                note = self._replay_all(batches, ids, reason, rec, replays, t0)
+            except Exception as exc:  # the gradients' facts above stand without a replay
+                replays.clear()
+                note = (f"not replayed: the model does not take this batch as it is "
+                        f"({type(exc).__name__}: {exc}); trainers whose batches are not the "
+                        "model's own inputs (TRL's preference trainers) replay nothing")
         if cfg.save_batches and batches:
             out = self.output_dir or getattr(self.guard, "output_dir", None)
             if out is not None:
