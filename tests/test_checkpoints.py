@@ -103,6 +103,32 @@ def test_marker_trusts_an_intact_checkpoint_and_catches_a_later_truncation(tmp_p
     assert health.health == Health.PARTIAL and "optimizer.pt" in health.reason
 
 
+def test_a_checkpoint_changed_after_its_save_is_judged_by_its_content(tmp_path):
+    # Users re-shard, convert or copy checkpoints (transformers' own tests re-shard them). Must:
+    # a re-sharded folder whose tensors load and are finite is healthy, with the change as a
+    # note, never refused for the save-time file list; the same folder with a NaN weight is
+    # non-finite.
+    path = _fake_checkpoint(tmp_path, 6, marker=True)
+    weights = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {f"model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, path / shard)
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items()
+                                        for k in keys}}))
+    health = inspect_checkpoint(path)
+    assert health.ok, health.describe()
+    assert "changed since saved (model.safetensors is missing" in health.reason
+    shard = next(iter(shards))
+    bad = load_file(path / shard)
+    first = next(iter(bad))
+    bad[first].view(-1)[0] = float("nan")
+    save_file(bad, path / shard)
+    assert inspect_checkpoint(path).health == Health.NONFINITE
+
+
 @pytest.mark.parametrize("where", ["weights", "optimizer"])
 def test_nonfinite_checkpoints_are_detected_and_named(tmp_path, where):
     path = _fake_checkpoint(tmp_path, 2)
@@ -217,8 +243,12 @@ def test_inf_weight_never_reaches_a_checkpoint_and_resume_uses_the_healthy_one(
     trainer = _trainer(tiny_model_dir, out, guarded=True, callbacks=[_InfWeightAt(5)])
     with pytest.raises(NonFiniteHalt):  # steps 6-10 skipped, step 11 halts
         trainer.train()
-    assert [p.name for p in run_files.checkpoints(out)] == ["checkpoint-4"]  # survived rotation
-    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-4")  # pinned
+    # checkpoint-2 was pinned when checkpoint-4 was saved (rotation kept both); the saves of
+    # the poisoned state were refused, so nothing rotated after that: both healthy ones stay
+    assert [p.name for p in run_files.checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert trainer.state.best_model_checkpoint is None  # as a plain Trainer leaves it
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())[
+        "best_model_checkpoint"] is None
     for path in out.glob("*checkpoint-*"):
         assert scan_nonfinite(path) == [], path
     refused = [e for e in run_files.read_jsonl(out / "events.jsonl").records

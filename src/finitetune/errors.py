@@ -92,6 +92,13 @@ class OutputError(ConfigError):
     create, a place without write permission. Nothing is written or deleted."""
 
 
+class ResumeError(ConfigError, ValueError):
+    """A checkpoint to resume from cannot be used. Also a ``ValueError``, the type
+    transformers raises for the same mistake, and its message starts with transformers' own
+    text: code written against a plain Trainer (``except ValueError``, a message match) keeps
+    working; finitetune's reason follows."""
+
+
 class DataError(FinitetuneError):
     """Input data or model files that cannot be read: names the file and line or index."""
 

@@ -8,14 +8,15 @@ first, each folder is judged:
 
 - **partial**: a file the Trainer always writes is missing or cut short (safetensors header
   and size, the zip directory of ``*.pt``, ``trainer_state.json`` parsed and naming this
-  step), or a file changed size since finitetune recorded it; for DeepSpeed and FSDP layouts
-  (the engine's own optimizer files) only ``trainer_state.json``, written after them, is read;
+  step); for DeepSpeed and FSDP layouts (the engine's own optimizer files) only
+  ``trainer_state.json``, written after them, is read;
 - **nonfinite**: a weight or optimizer tensor holds NaN/inf;
 - **healthy**: neither. A folder carrying finitetune's marker
   (:data:`~finitetune.rundir.files.CHECKPOINT_MARKER`, written after the state was checked finite
   at save time) is trusted when its file sizes still match, so a resume reads no tensor; other
-  folders (a plain Trainer's, or one whose marker the crash prevented) are scanned tensor by
-  tensor, one tensor in memory at a time.
+  folders (a plain Trainer's, one whose marker the crash prevented, or one whose files changed
+  after the save: re-sharded, converted, copied) are judged by their content, tensor by
+  tensor, one tensor in memory at a time; a change since the save is a note, never a refusal.
 
 Unusable folders are set aside by renaming (``partial-checkpoint-N``, ``nonfinite-checkpoint-N``),
 never deleted: the Trainer's resume and ``save_total_limit`` rotation no longer see them (a
@@ -93,25 +94,31 @@ def inspect_checkpoint(path: str | os.PathLike, *, scan: bool = True) -> Checkpo
     """
     path = Path(path)
     step = run_files.checkpoint_step(path)
+    if not path.is_dir():
+        return CheckpointHealth(path, -1 if step is None else step, Health.PARTIAL,
+                                "no such folder")
     if step is None:
         return CheckpointHealth(path, -1, Health.PARTIAL, "not a checkpoint-<step> folder")
     marker = read_marker(path)
-    if marker is not None:
-        changed = _changed_files(path, marker)
-        if changed:
-            return CheckpointHealth(path, step, Health.PARTIAL, changed, marker)
+    changed = _changed_files(path, marker) if marker is not None else ""
+    if marker is not None and not changed:
         return CheckpointHealth(path, step, Health.HEALTHY, "checked finite when saved", marker)
+    # No marker, or files changed since the save (re-sharded, converted, copied: what users do
+    # to checkpoints): the content decides, never the save-time file list
+    note = f"; changed since saved ({changed})" if changed else ""
     missing = _incomplete(path, step)
     if missing:
-        return CheckpointHealth(path, step, Health.PARTIAL, missing)
+        return CheckpointHealth(path, step, Health.PARTIAL, missing + note, marker)
     if not scan:
-        return CheckpointHealth(path, step, Health.HEALTHY, "complete (not scanned)")
+        return CheckpointHealth(path, step, Health.HEALTHY, "complete (not scanned)" + note,
+                                marker)
     bad = scan_nonfinite(path)
     if bad:
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
         return CheckpointHealth(path, step, Health.NONFINITE,
-                                f"NaN/inf in {', '.join(bad[:3])}{more}")
-    return CheckpointHealth(path, step, Health.HEALTHY, "complete, scanned finite")
+                                f"NaN/inf in {', '.join(bad[:3])}{more}{note}", marker)
+    return CheckpointHealth(path, step, Health.HEALTHY, "complete, scanned finite" + note,
+                            marker)
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ from finitetune.errors import ConfigError
 from finitetune.guard.attribution import AttributionConfig, Attributor
 from finitetune.guard.guard import Guard
 from finitetune.integrations.hf import mixin as _mixin
+from finitetune.integrations.hf.checkpoint_callback import CheckpointCallback
 from finitetune.integrations.hf.seams import check_trainer, shifts_labels
 from finitetune.integrations.hf.session import GuardSession
 from finitetune.settings.config import GuardConfig
@@ -71,6 +72,7 @@ class GuardCallback(TrainerCallback, ExportableState):
       parameters, the samples and a verdict (it costs nothing until a step fails).
     - **Halt**: training stops at the end of that step (other callbacks still get
       ``on_train_end``) and ``trainer.train()`` raises :class:`~finitetune.NonFiniteHalt`.
+    - **Checkpoint protection** comes with it (``checkpoints=True``): see the argument.
     - **Checkpoints** carry the guard's counters and spike windows (in ``trainer_state.json``
       under ``stateful_callbacks``); resuming restores them. A callback the Trainer rebuilds
       from a checkpoint (``restore_callback_states_from_checkpoint``) keeps the attribution
@@ -90,12 +92,18 @@ class GuardCallback(TrainerCallback, ExportableState):
         attribution: ``True`` (default): an ``Attributor`` on the Trainer's model; an
             :class:`~finitetune.guard.attribution.AttributionConfig` to bound it; ``False``:
             none. Ignored when ``on_fault`` is given.
+        checkpoints: ``True`` (default): the Trainer also gets a
+            :class:`~finitetune.integrations.hf.checkpoint_callback.CheckpointCallback` with
+            the same settings (no save holding NaN/inf, the last healthy checkpoint kept
+            against ``save_total_limit``, ``resume_from_checkpoint=True`` takes the newest
+            healthy one) unless it has one; ``False``: checkpoints as plain transformers.
     """
 
     def __init__(
         self, config: GuardConfig | Mapping[str, Any] | None = None, *,
         output_dir: str | os.PathLike | None = None, on_fault: Any = None,
         attribution: bool | AttributionConfig | Mapping[str, Any] = True,
+        checkpoints: bool = True,
     ) -> None:
         if isinstance(config, Mapping):
             config = GuardConfig(**config)
@@ -105,6 +113,7 @@ class GuardCallback(TrainerCallback, ExportableState):
         self.output_dir = output_dir
         self.on_fault = on_fault
         self.attribution = attribution
+        self.checkpoints = checkpoints
         self.trainer: Any = None
         self.guard: Guard | None = None
         """The guard of the current or last ``train()`` call (counters, last outcome)."""
@@ -129,7 +138,21 @@ class GuardCallback(TrainerCallback, ExportableState):
         self.trainer = trainer
         adopt(trainer)
         trainer.__dict__["_finitetune_callback"] = self
+        if self.checkpoints:
+            self._protect_checkpoints(trainer)
         return self
+
+    def _protect_checkpoints(self, trainer: Any) -> None:
+        """The one line protects checkpoints too: a Trainer holding this callback gets a
+        :class:`~finitetune.integrations.hf.checkpoint_callback.CheckpointCallback` with the
+        same settings (no poisoned save, the healthy one kept against rotation, healthy
+        resume), unless it has one already or ``checkpoints=False``."""
+        handler = trainer.callback_handler
+        if any(isinstance(cb, CheckpointCallback) for cb in handler.callbacks):
+            return
+        protect = CheckpointCallback(self.output_dir, config=self.config)
+        handler.add_callback(protect)
+        protect.set_trainer(trainer)
 
     # ---- train begin / end --------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -164,8 +187,6 @@ class GuardCallback(TrainerCallback, ExportableState):
         without one set the same way every rollback would silently be a skip."""
         if not (self.config.needs_snapshots and self.config.rollback_to == "disk"):
             return
-        from finitetune.integrations.hf.checkpoint_callback import CheckpointCallback
-
         if not any(isinstance(cb, CheckpointCallback) and cb.config.rollback_to == "disk"
                    for cb in trainer.callback_handler.callbacks):
             raise ConfigError(
@@ -235,7 +256,8 @@ class GuardCallback(TrainerCallback, ExportableState):
 
             attribution = asdict(attribution)
         return {
-            "args": {"config": self.config.to_dict(), "attribution": attribution},
+            "args": {"config": self.config.to_dict(), "attribution": attribution,
+                     "checkpoints": self.checkpoints},
             "attributes": {"guard_state": self.guard.state_dict() if self.guard else None},
         }
 

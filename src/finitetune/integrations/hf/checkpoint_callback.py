@@ -12,10 +12,11 @@ What it changes, on the Trainer *instance* it is given (bound by the constructio
   finite in one fused pass (:func:`~finitetune.guard.state_check.check_state`). A poisoned
   state is not written: the save is refused with an event (``save_refused``) and a warning,
   so ``save_total_limit`` rotation (which runs inside the save) never deletes the last healthy
-  checkpoint for it. A state that passes is saved, and that checkpoint is *pinned* through the
-  Trainer's own protection, ``state.best_model_checkpoint`` (rotation keeps it and the newest
-  one; only when no ``metric_for_best_model`` uses that field), and marked with
-  :data:`~finitetune.rundir.files.CHECKPOINT_MARKER` once complete.
+  checkpoint for it. A state that passes is saved and marked with
+  :data:`~finitetune.rundir.files.CHECKPOINT_MARKER`; the newest checkpoint whose state then
+  gave a clean step is *pinned*: rotation keeps it (through the Trainer's own protection,
+  ``best_model_checkpoint``, set only while the save's rotation runs and only when no
+  ``metric_for_best_model`` uses that field: :func:`_kept_by_rotation`).
 - **Resume** (``train(resume_from_checkpoint=True)``): the newest healthy checkpoint, not
   the newest folder (:func:`finitetune.rundir.resume.prepare_resume`: unusable ones set aside and
   named, logs trimmed); an explicit path is checked and refused with the reason if unusable.
@@ -24,25 +25,27 @@ What it changes, on the Trainer *instance* it is given (bound by the constructio
 - **Bad samples**: the after-windows of remembered faults are written at saves and at the end
   (:class:`~finitetune.guard.bad_batches.BadSampleMemory`).
 
-Private Trainer methods used, listed in
-:data:`~finitetune.integrations.hf.seams.CHECKPOINT_SEAMS` and checked when the callback
-binds (a seam that silently does nothing would let a poisoned save through):
+Private Trainer methods used, listed in :data:`~finitetune.integrations.hf.seams.SEAMS` and
+checked when the callback binds (a seam that silently does nothing would let a poisoned save through):
 ``Trainer._save_checkpoint(model, trial)`` (the one place every save goes through) and
 ``Trainer._load_from_checkpoint(path)`` (weights of adapter / sharded checkpoints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from finitetune import distributed
-from finitetune.errors import ConfigError
+from finitetune.errors import ConfigError, ResumeError
 from finitetune.guard.bad_batches import BadSampleMemory
 from finitetune.guard.disk_rollback import DiskRollback, load_safetensors_weights
+from finitetune.guard.policy import Reason
 from finitetune.guard.state_check import check_state
 from finitetune.integrations.hf.mixin import install_construction_hook
 from finitetune.integrations.hf.seams import check_checkpoint_seams
@@ -56,6 +59,39 @@ __all__ = ["CheckpointCallback", "load_checkpoint_weights"]
 log = logging.getLogger("finitetune")
 
 install_construction_hook()  # a Trainer given this callback binds it (set_trainer)
+
+
+_WARNINGS_ONLY = (None, Reason.ZERO_LOSS, Reason.PINNED_GRAD_NORM)
+"""An applied step with one of these (no reason, or only a warning) proves the state it began
+from."""
+
+
+@contextlib.contextmanager
+def _kept_by_rotation(state: Any, keep: Path | None) -> Iterator[None]:
+    """Inside one Trainer save: rotation (``save_total_limit``) keeps ``keep``.
+
+    The Trainer's rotation keeps the newest checkpoint and ``state.best_model_checkpoint``;
+    every release writes the checkpoint's ``trainer_state.json`` and then rotates. So the field
+    is set right after that file is written (a per-instance wrapper of ``save_to_json``) and
+    restored when the save returns: the saved files and the state callbacks see afterwards
+    are exactly a plain Trainer's (``best_model_checkpoint`` stays None without a metric).
+    """
+    if keep is None:
+        yield
+        return
+    before = state.best_model_checkpoint
+    write = state.save_to_json
+
+    def write_then_keep(path: str) -> None:
+        write(path)
+        state.best_model_checkpoint = str(keep)
+
+    state.save_to_json = write_then_keep
+    try:
+        yield
+    finally:
+        del state.save_to_json
+        state.best_model_checkpoint = before
 
 
 def load_checkpoint_weights(trainer: Any, path: str | Path) -> None:
@@ -123,14 +159,14 @@ class CheckpointCallback(TrainerCallback):
             if path is None:
                 why = ("; ".join(h.describe() for h in plan.rejected) if plan else "") or (
                     "no usable checkpoint-* folder")
-                raise ConfigError(f"resume_from_checkpoint=True: no healthy checkpoint in "
-                                  f"{out} ({why})")
+                raise ResumeError(f"No valid checkpoint found in output directory ({out}): "
+                                  f"finitetune found no healthy checkpoint ({why})")
             return path
         health = inspect_checkpoint(resume)
         if not health.ok:
-            raise ConfigError(f"cannot resume from {resume}: {health.health.value}: "
-                              f"{health.reason}. Pass resume_from_checkpoint=True to use the "
-                              "newest healthy checkpoint.")
+            raise ResumeError(f"Can't find a valid checkpoint at {resume}: finitetune judged "
+                              f"it {health.health.value} ({health.reason}). Pass "
+                              "resume_from_checkpoint=True to use the newest healthy one.")
         return resume
 
     # ---- saving -----------------------------------------------------------------------------
@@ -147,12 +183,13 @@ class CheckpointCallback(TrainerCallback):
             trainer, "_get_output_dir") else Path(trainer.args.output_dir)
         target = run_dir / f"{run_files.CHECKPOINT_PREFIX}{step}"
         final = step >= trainer.state.max_steps > 0
+        keep = None
         if trainer.args.metric_for_best_model is None:
-            # the Trainer's own protection against rotation: the last proven checkpoint (the
-            # one a rollback goes back to), or at the end the final one
+            # the last proven checkpoint (the one a rollback goes back to), or at the end the
+            # final one, is kept against rotation
             keep = target if final or self._pinned is None else self._pinned.path
-            trainer.state.best_model_checkpoint = str(keep)
-        result = save(model, trial, *args, **kwargs)
+        with _kept_by_rotation(trainer.state, keep):
+            result = save(model, trial, *args, **kwargs)
         guard = self._guard()
         marker = {"lr_scale": float(getattr(guard, "lr_scale", 1.0)),
                   "tensors_checked": check.tensors,
@@ -174,16 +211,13 @@ class CheckpointCallback(TrainerCallback):
         guard = self._guard()
         outcome = getattr(guard, "last_outcome", None)
         if state.global_step != cand.step + 1 or (outcome is not None and not (
-                outcome.applied and getattr(outcome.reason, "value", outcome.reason)
-                in (None, "zero_loss", "pinned_grad_norm"))):
+                outcome.applied and outcome.reason in _WARNINGS_ONLY)):
             return  # that state produced a bad step (or we cannot tell): not a rollback target
         cand.marker = {**(cand.marker or {}), "proven_by_step": state.global_step}
         if args.should_save and cand.path.is_dir():
             write_marker(cand.path, cand.step, **{k: v for k, v in cand.marker.items()
                                                   if k not in ("step", "files", "finite")})
         self._pinned = cand
-        if args.metric_for_best_model is None:
-            state.best_model_checkpoint = str(cand.path)  # rotation (and the end) keep it
         if self.disk is not None:
             self.disk.use(cand)
 

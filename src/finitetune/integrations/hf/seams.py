@@ -90,8 +90,13 @@ SEAMS: tuple[Seam, ...] = (
          "transformers 4.51.3 to 5.25", "called: where a save goes", "the run's output_dir",
          required=False),
     Seam("transformers.TrainerState", "best_model_checkpoint", None,
-         "transformers 4.51.3 to 5.25", "the checkpoint rotation keeps: pins the last healthy "
-         "checkpoint when no metric_for_best_model uses it", "refused"),
+         "transformers 4.51.3 to 5.25", "the checkpoint rotation keeps: set only while a "
+         "save's rotation runs, to keep the last healthy checkpoint (when no "
+         "metric_for_best_model uses it)", "refused"),
+    Seam("transformers.TrainerState", "save_to_json", ("self", "json_path"),
+         "transformers 4.51.3 to 5.25", "wrapped per save: every release writes the "
+         "checkpoint's trainer_state.json and then rotates, so the pin is set in between",
+         "refused"),
     Seam("transformers.Trainer", "_save_optimizer_and_scheduler", ("self", "output_dir"),
          "transformers 4.51.3 to 5.25", "wrapped by the crash tests' kill points only",
          "not used outside the tests", required=False),
@@ -146,9 +151,10 @@ def check_environment() -> None:
     if _CHECKED:
         return
     from accelerate import Accelerator
-    from transformers import Trainer
+    from transformers import Trainer, TrainerState
 
-    owners = {"accelerate.Accelerator": Accelerator, "transformers.Trainer": Trainer}
+    owners = {"accelerate.Accelerator": Accelerator, "transformers.Trainer": Trainer,
+              "transformers.TrainerState": TrainerState}
     for seam in SEAMS:
         cls = owners.get(seam.owner)
         if cls is None or seam.params is None:

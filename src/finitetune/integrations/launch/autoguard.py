@@ -116,7 +116,7 @@ def attach(trainer: Any) -> None:
     injector = FaultInjector(s["inject"]) if s["inject"] else None
     if injector is not None:
         handler.add_callback(injector)
-    handler.add_callback(RunRecorder(s["manifest"], events_dir, guard_cb, injector))
+    handler.add_callback(RunRecorder(s["manifest"], events_dir, injector))
     what = "guarding" if guard_cb is not None else "NOT guarding (--no-guard)"
     _say(trainer, f"{what} {type(trainer).__name__}; events and metrics -> {events_dir}"
          + (f"; injecting {', '.join(s['inject'])}" if s["inject"] else ""))

@@ -161,10 +161,18 @@ class _EmptyingCollate:
 class RunRecorder(TrainerCallback):
     """Appends ``begin`` and ``end`` records of a Trainer's ``train()`` to the manifest."""
 
-    def __init__(self, manifest: str | os.PathLike, events_dir: Path, guard_cb: Any = None,
+    def __init__(self, manifest: str | os.PathLike, events_dir: Path,
                  injector: Any = None) -> None:
         self.manifest, self.events_dir = manifest, Path(events_dir)
-        self.guard_cb, self.injector = guard_cb, injector
+        self.injector = injector
+        self.trainer: Any = None
+
+    def set_trainer(self, trainer: Any) -> RunRecorder:
+        """Bound by the construction hook: the guard is looked up on the Trainer when training
+        ends, so a GuardCallback the Trainer rebuilt from a checkpoint
+        (``restore_callback_states_from_checkpoint``) is the one whose counters count."""
+        self.trainer = trainer
+        return self
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
@@ -174,8 +182,9 @@ class RunRecorder(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
                      **kwargs: Any) -> None:
         from finitetune.guard.policy import Action
+        from finitetune.integrations.hf.mixin import guard_of
 
-        guard = self.guard_cb.guard if self.guard_cb is not None else None
+        guard = guard_of(self.trainer) if self.trainer is not None else None
         last = guard.last_outcome if guard is not None else None
         fired = [f"{k}@{s}" for k, s in self.injector.fired] if self.injector else []
         # COLLECTIVE (distributed, once per train()): every rank's parameter checksum and
