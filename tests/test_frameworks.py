@@ -195,6 +195,9 @@ def finitetune_run(options: list[str], command: list[str]) -> subprocess.Complet
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                DISABLE_VERSION_CHECK="1", AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1",
                WANDB_DISABLED="true", TOKENIZERS_PARALLELISM="false")
+    # as in an activated environment: axolotl starts its Trainer with `accelerate launch`,
+    # found on PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return subprocess.run([sys.executable, "-m", "finitetune", "run", "--no-report", *options,
                            "--", *command], env=env, capture_output=True, text=True,
                           timeout=TIMEOUT)
