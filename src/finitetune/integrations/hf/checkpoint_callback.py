@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class CheckpointCallback(TrainerCallback):
         memory: the run's bad-sample memory (its after-windows are flushed at saves).
     """
 
-    def __init__(self, output_dir: str | Path | None = None, *,
+    def __init__(self, output_dir: str | os.PathLike | None = None, *,
                  config: GuardConfig | None = None,
                  memory: BadSampleMemory | None = None) -> None:
         self.output_dir = output_dir
