@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finitetune.errors import ReportInputError
+from finitetune.parsing.terminal import printable
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import file_kind
 
@@ -208,5 +209,5 @@ def run(args: argparse.Namespace) -> int:
         _, events = load_events(args.run_dir)
         sys.stdout.write(json.dumps(events, indent=2, allow_nan=False) + "\n")
         return 0
-    sys.stdout.write(explain(args.run_dir))
+    sys.stdout.write(printable(explain(args.run_dir)))
     return 0

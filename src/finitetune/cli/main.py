@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(_verb_module(args.verb).run(args) or 0)
     except FinitetuneError as exc:
-        print(f"finitetune {args.verb}: error: {exc}", file=sys.stderr)
+        from finitetune.parsing.terminal import printable
+
+        print(printable(f"finitetune {args.verb}: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("finitetune: interrupted", file=sys.stderr)

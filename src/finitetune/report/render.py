@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from finitetune.parsing.terminal import printable
 from finitetune.report.fmt import count, num, step, value
 from finitetune.report.history import history_items
 from finitetune.rundir.jsonio import dumps_strict
@@ -236,7 +237,7 @@ def to_markdown(r: HealthReport) -> str:
                 lines.append("|" + "---|" * len(header))
                 lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
                 lines.append("")
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # names and messages from the log: no escapes
 
 
 def _md(text: str) -> str:

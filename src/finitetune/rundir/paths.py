@@ -36,6 +36,7 @@ except ImportError:  # Windows: no advisory locks; a live run is then not detect
     fcntl = None  # type: ignore[assignment]
 
 from finitetune.errors import OutputError
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import file_kind, write_text_atomic
 
@@ -94,7 +95,7 @@ def is_owned(path: str | os.PathLike, created_by: str | None = None) -> bool:
     if created_by is None:
         return True
     try:
-        owner = json.loads(marker.read_text(encoding="utf-8")).get("created_by")
+        owner = json_loads(marker.read_text(encoding="utf-8"), str(marker)).get("created_by")
     except (OSError, ValueError, AttributeError):
         return False
     return owner == created_by

@@ -11,7 +11,6 @@ the end (also when training stopped early).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from finitetune.errors import ConfigError, NonFiniteHalt
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir import files as run_files
 from finitetune.rundir import paths as output_paths
 from finitetune.rundir.jsonio import write_json_atomic, write_text_atomic
@@ -82,7 +82,8 @@ def write_status(out: Path, state: run_files.RunState, step: int = 0,
     started = now
     if state != run_files.RunState.RUNNING and (out / run_files.STATUS).is_file():
         with contextlib.suppress(ValueError, AttributeError):  # a broken file: start anew
-            started = json.loads((out / run_files.STATUS).read_text()).get("started", now)
+            started = json_loads((out / run_files.STATUS).read_text(),
+                                 str(out / run_files.STATUS)).get("started", now)
     write_json_atomic(out / run_files.STATUS, {"state": state.value, "step": step,
                                                 "error": error, "started": started,
                                                 "updated": now})
@@ -148,7 +149,7 @@ def write_eval(out: Path, result: Any) -> None:
     """``eval.json`` from a :class:`~finitetune.train.recipe.RunResult` (keeps an earlier "before")."""
     previous: dict[str, Any] = {}
     if (out / run_files.EVAL).exists():
-        previous = json.loads((out / run_files.EVAL).read_text())
+        previous = json_loads((out / run_files.EVAL).read_text(), str(out / run_files.EVAL))
     ev = {
         "before": result.eval_before or previous.get("before"),
         "after": result.eval_after,

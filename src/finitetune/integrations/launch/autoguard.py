@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from finitetune.parsing.nesting import json_loads
 
 __all__ = ["SETTINGS_ENV", "attach", "bootstrap"]
 
@@ -45,7 +46,8 @@ def settings() -> dict[str, Any]:
     ``events_dir`` (or None), ``inject`` (spec strings), ``manifest`` (path)."""
     global _settings_cache
     if _settings_cache is None:
-        _settings_cache = json.loads(Path(os.environ[SETTINGS_ENV]).read_text(encoding="utf-8"))
+        path = os.environ[SETTINGS_ENV]
+        _settings_cache = json_loads(Path(path).read_text(encoding="utf-8"), path)
     return _settings_cache
 
 

@@ -9,12 +9,12 @@ it without importing torch.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir.jsonio import append_jsonl
 
 __all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest"]
@@ -59,8 +59,8 @@ def read_manifest(path: str | os.PathLike) -> list[TrainerRun]:
         return runs
     for line in p.read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            rec = json_loads(line, str(p))
+        except ValueError:
             continue  # a line torn by a killed process
         if rec.get("event") == "begin":
             runs.append(TrainerRun(rec["events_dir"], rec.get("output_dir")))
