@@ -278,7 +278,7 @@ COMMANDS = {  # check, report, env, verify: their own settings
     "env_precision": Case("env --precision fp8", "unknown precision 'fp8'"),
     "env_device": Case("env --device tpu", "unknown device 'tpu'"),
     "env_model_missing": Case("env --model ./no/such/model", "model directory not found"),
-    "verify_steps": Case("verify --steps 1", "--steps must be at least 2"),
+    "verify_steps": Case("verify --steps 1", "--steps 1: expected at least 5"),
     "verify_scenario": Case("verify --scenario bogus", "unknown scenario 'bogus'"),
     "verify_data_missing": Case("verify --data {w}/nope.jsonl", "data file not found"),
     "no_verb": Case("", "usage:"),

@@ -24,8 +24,8 @@ BARS = "▁▂▃▄▅▆▇█"
 BAD = "×"
 """Drawn for a NaN/inf entry: a broken step must show up as a gap, not vanish."""
 SPARK_WIDTH = 60
-_STYLE = {"healthy": "bold green", "warning": "bold yellow", "unhealthy": "bold red",
-          "waiting": "dim"}
+_STYLE = {"healthy": "bold green", "inconclusive": "bold cyan", "warning": "bold yellow",
+          "unhealthy": "bold red", "waiting": "dim"}
 
 
 def sparkline(values: list[float | None], width: int = SPARK_WIDTH) -> str:

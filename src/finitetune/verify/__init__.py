@@ -63,8 +63,9 @@ def run_verify(
     from finitetune.verify.scenarios import SCENARIOS
 
     stream = out if out is not None else sys.stdout
-    if steps < 2:
-        raise ConfigError("--steps must be at least 2: one step shows no trend")
+    if steps < 5:
+        raise ConfigError(f"--steps {steps}: expected at least 5 (the report calls a run "
+                          "healthy only on a loss trend it can test, which takes 5 logged steps)")
     chosen = scenarios or list(SCENARIOS)
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
