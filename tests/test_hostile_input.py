@@ -237,3 +237,13 @@ def test_explain_watch_and_errors_strip_escapes(tmp_path, capsys):
     assert main(["report", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "nosuch.log" in err and _no_escapes(err)
+
+
+def test_the_command_line_strips_escapes_from_finitetune_s_warnings(tmp_path, caplog):
+    """Warnings name the user's files and samples (a resume's notes, moved samples)."""
+    import logging
+
+    main(["report", str(tmp_path / "nothing.log")])  # any command installs the filter
+    caplog.set_level("WARNING", logger="finitetune")
+    logging.getLogger("finitetune").warning("finitetune: resume: %s", f"d{ESC}.jsonl{OSC}:3")
+    assert "d.jsonl:3" in caplog.text and _no_escapes(caplog.text)

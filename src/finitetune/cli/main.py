@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     verb = verb if verb in VERBS else None
     parser = build_parser(only=verb)
     args = parser.parse_args(argv)
+    _printable_logs()
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
@@ -76,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finitetune: interrupted", file=sys.stderr)
         return 130
+
+
+def _printable_logs() -> None:
+    """finitetune's warnings name the user's files and samples: no escape reaches the terminal."""
+    import logging
+
+    from finitetune.parsing.terminal import PrintableLog
+
+    logger = logging.getLogger("finitetune")
+    if not any(isinstance(f, PrintableLog) for f in logger.filters):
+        logger.addFilter(PrintableLog())
 
 
 def set_offline_if_local(*paths: str | None) -> None:

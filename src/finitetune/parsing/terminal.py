@@ -10,9 +10,10 @@ error message.
 
 from __future__ import annotations
 
+import logging
 import re
 
-__all__ = ["printable"]
+__all__ = ["PrintableLog", "printable"]
 
 _ESCAPES = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"          # CSI: colours, cursor moves, erase
@@ -27,3 +28,16 @@ def printable(text: str) -> str:
     """``text`` without terminal escape sequences and control characters (``\\n`` and ``\\t``
     kept). Cheap when there is nothing to remove (one regular-expression search)."""
     return _ESCAPES.sub("", text) if _ESCAPES.search(text) else text
+
+
+class PrintableLog(logging.Filter):
+    """A logging filter that passes every record's message through :func:`printable` (the
+    command line installs it on the ``finitetune`` logger, whose warnings name files, lines
+    and samples from the user's input)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = printable(message)
+        if clean is not message:
+            record.msg, record.args = clean, None
+        return True

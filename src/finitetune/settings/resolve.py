@@ -48,6 +48,7 @@ def resolve_run_config(config_file: str | None, overrides: dict[str, Any],
     continues with what the run was trained with, changed only where asked. A change a resume
     cannot honour is refused here, naming the setting (:mod:`finitetune.settings.recorded`),
     before anything is written. ``finitetune train`` and ``train()`` resolve through this."""
+    from finitetune.rundir.files import checkpoints
     from finitetune.rundir.paths import is_owned
     from finitetune.settings.recorded import (
         NOT_SETTINGS,
@@ -65,8 +66,9 @@ def resolve_run_config(config_file: str | None, overrides: dict[str, Any],
     base = {k: v for k, v in recorded.values.items() if k not in NOT_SETTINGS}
     cfg, where = _resolve(config_file, overrides, sources,
                           recorded=(base, str(recorded.files[-1])))
-    check_resume_changes(changed_settings(recorded, cfg),
-                         " + ".join(str(f) for f in recorded.files), where)
+    if checkpoints(str(cfg.output_dir)):  # else a restart from step 0 (or refused for that reason)
+        check_resume_changes(changed_settings(recorded, cfg),
+                             " + ".join(str(f) for f in recorded.files), where)
     return cfg
 
 

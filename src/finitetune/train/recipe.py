@@ -33,6 +33,7 @@ from typing import Any
 from finitetune.data.fingerprint import RowFingerprints
 from finitetune.errors import ConfigError, NonFiniteHalt, SettingError
 from finitetune.numerics.constants import IGNORE_INDEX
+from finitetune.parsing.terminal import printable
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import write_json_atomic
 from finitetune.settings.config import TrainConfig
@@ -184,6 +185,8 @@ def _init_distributed() -> bool:
 
 
 def _run_training(cfg: TrainConfig) -> RunResult:
+    # long: the checks before the run directory is touched read top to bottom, in the order
+    # of what each needs (settings, paths, data, tokenizer, resume, model), then the writes
     from finitetune import distributed
     from finitetune.data.pipeline import describe, load_data_records, prepare_rows, tokenize_with
     from finitetune.integrations.hf.hidden_loss import choose_loss
@@ -212,7 +215,7 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     # run directory is untouched (a refusal changes nothing)
     resume = decide_resume(cfg, planned_steps(cfg, len(rows)))
     if distributed.is_main_process():
-        print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
+        print(printable(f"finitetune: {describe(label_summary, label_report)}"), flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
                  if any(t != IGNORE_INDEX for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]

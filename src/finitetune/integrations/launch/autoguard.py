@@ -19,6 +19,13 @@ already has them:
   directory and outcome to the run's manifest, which ``finitetune run`` reads to print each
   run's health report.
 
+Before any of that, rank 0 takes the :class:`~finitetune.rundir.paths.RunLock` of the
+Trainer's ``output_dir`` (and of ``--events-dir``), and holds it until the process ends: a
+second program writing the same directory (another ``finitetune run``, a ``finitetune
+train``) is refused while this one lives, naming it, instead of interleaving its lines with
+this one's. The refused program stops at that Trainer's construction (exit 2) with nothing
+written to the directory; ``finitetune run`` says why and exits 2.
+
 If anything here fails, the program fails with it (loudly) rather than train unguarded.
 """
 
@@ -101,6 +108,7 @@ def attach(trainer: Any) -> None:
     handler = trainer.callback_handler
     guard_cb = next((cb for cb in handler.callbacks if isinstance(cb, GuardCallback)), None)
     events_dir = Path(s.get("events_dir") or trainer.args.output_dir)
+    _hold(trainer, [Path(trainer.args.output_dir), events_dir], s)
     if s["guard"] and guard_cb is None:
         guard_cb = GuardCallback(s["config"], output_dir=s.get("events_dir"),
                                  attribution=s["attribution"])
@@ -120,6 +128,35 @@ def attach(trainer: Any) -> None:
     what = "guarding" if guard_cb is not None else "NOT guarding (--no-guard)"
     _say(trainer, f"{what} {type(trainer).__name__}; events and metrics -> {events_dir}"
          + (f"; injecting {', '.join(s['inject'])}" if s["inject"] else ""))
+
+
+_HELD: dict[str, Any] = {}
+"""Directories this process holds (resolved path -> RunLock), until it exits."""
+
+
+def _hold(trainer: Any, folders: list[Path], s: dict[str, Any]) -> None:
+    """Rank 0 locks each folder for the rest of the process (the kernel releases the locks when
+    it ends, however it ends); one held by another process stops the program here, before
+    this Trainer writes anything, with exit 2."""
+    if not trainer.is_world_process_zero():
+        return
+    from finitetune.errors import OutputError
+    from finitetune.integrations.launch.manifest import refused_record
+    from finitetune.rundir.paths import RunLock
+
+    command = f"finitetune run ({s.get('command') or 'a program'})"
+    for folder in folders:
+        key = str(folder.resolve())
+        if key in _HELD:
+            continue  # this process already holds it (a second Trainer of the program)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _HELD[key] = RunLock(folder, command).__enter__()
+        except OutputError as exc:
+            refused_record(s["manifest"], str(folder), str(exc))
+            print(f"finitetune run: refusing to guard {type(trainer).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
 
 def _say(trainer: Any, text: str) -> None:

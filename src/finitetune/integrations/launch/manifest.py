@@ -17,7 +17,7 @@ from typing import Any
 from finitetune.parsing.nesting import json_loads
 from finitetune.rundir.jsonio import append_jsonl
 
-__all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest"]
+__all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest", "refused_record"]
 
 
 def begin_record(manifest: str | os.PathLike, events_dir: Path, output_dir: str,
@@ -37,6 +37,13 @@ def end_record(manifest: str | os.PathLike, events_dir: Path, *, global_step: in
                             "injected": injected, "rank_checksums": rank_checksums})
 
 
+def refused_record(manifest: str | os.PathLike, output_dir: str, error: str) -> None:
+    """A Trainer's directory is held by another process: this program was stopped before it
+    wrote anything there."""
+    append_jsonl(manifest, {"event": "refused", "events_dir": output_dir,
+                            "output_dir": output_dir, "pid": os.getpid(), "error": error})
+
+
 @dataclass
 class TrainerRun:
     """One Trainer's ``train()`` as the manifest tells it."""
@@ -49,6 +56,8 @@ class TrainerRun:
     counters: dict[str, Any] = field(default_factory=dict)
     injected: list[str] = field(default_factory=list)
     rank_checksums: list[float | None] = field(default_factory=list)
+    refused: str | None = None
+    """Why the Trainer was refused its directory (another process holds it), else None."""
 
 
 def read_manifest(path: str | os.PathLike) -> list[TrainerRun]:
@@ -64,6 +73,10 @@ def read_manifest(path: str | os.PathLike) -> list[TrainerRun]:
             continue  # a line torn by a killed process
         if rec.get("event") == "begin":
             runs.append(TrainerRun(rec["events_dir"], rec.get("output_dir")))
+            continue
+        if rec.get("event") == "refused":
+            runs.append(TrainerRun(rec["events_dir"], rec.get("output_dir"),
+                                   refused=str(rec.get("error") or "refused")))
             continue
         run = next((r for r in reversed(runs)
                     if r.events_dir == rec.get("events_dir") and not r.finished), None)
