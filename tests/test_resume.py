@@ -169,7 +169,7 @@ def test_the_library_entry_point_refuses_the_same(finished, tmp_path, tiny_model
 
     run = _copy(finished, tmp_path)
     before = snapshot(run)
-    with pytest.raises(ConfigError, match="cannot honour learning_rate = 0.5"):
+    with pytest.raises(ConfigError, match=r"cannot honour learning_rate = 0\.5"):
         train(model=tiny_model_dir, output_dir=str(run), resume=True, max_steps=30,
               learning_rate=0.5)
     assert snapshot(run) == before

@@ -119,6 +119,10 @@ class RunLock:
         if fcntl is None:
             return self
         lock = self.path / run_files.RUN_LOCK
+        kind = file_kind(lock)
+        if kind not in (None, "regular file"):  # opening it would write through a link
+            raise _refuse_kind(lock, kind, "the run lock", "regular file",
+                               "remove it; finitetune makes its own")
         fh = open(lock, "a+", encoding="utf-8")  # held until __exit__
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
