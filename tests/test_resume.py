@@ -135,8 +135,8 @@ REFUSED = {
     "seed_and_batch": (None, ["--max-steps", "30", "--seed", "7", "--batch-size", "4"],
                        "per_device_train_batch_size = 4 (flag --batch-size), trained with 8"),
     "fewer_steps": (None, ["--max-steps", "10"],
-                    "max_steps = 10: expected a total above the 20 steps the run already "
-                    "trained"),
+                    "max_steps = 10: expected at least the 20 steps the run already "
+                    "trained (checkpoint-20 is step 20; max_steps 10 means 10 steps)"),
     "nothing_to_add": (None, [], "the run completed all 20 steps; there is nothing to resume"),
     "edited_record": (_edit_config, ["--max-steps", "30"],
                       "lora_r = 4: expected the setting checkpoint-20 was trained with: it "
@@ -256,3 +256,27 @@ def test_a_run_killed_at_its_last_checkpoint_says_nothing_was_trained(
     assert "trained" not in out.replace("nothing left to train", "")
     assert (run / run_files.FINAL_DIR / "model.safetensors").is_file()
     assert not list(run.glob("config.resume-*.yaml"))  # no setting changed
+
+
+def test_a_schedule_that_kept_the_old_total_stops_the_resumed_run():
+    """The check behind "the schedule really extends": transformers rebuilds the schedule for
+    the new total and restores only its position; were it to restore the old total, the
+    resumed run stops instead of logging learning rates the recorded settings do not give."""
+    import functools
+    from types import SimpleNamespace
+
+    from finitetune.errors import ConfigError
+    from finitetune.train.resume_check import resumed_settings_callback
+
+    def lr(step, num_warmup_steps, num_training_steps):
+        return 1.0
+
+    state = SimpleNamespace(max_steps=30, compute_steps=lambda args, n: None)
+    ok = SimpleNamespace(lr_lambdas=[functools.partial(lr, num_warmup_steps=3,
+                                                       num_training_steps=30)])
+    stale = SimpleNamespace(lr_lambdas=[functools.partial(lr, num_warmup_steps=2,
+                                                          num_training_steps=20)])
+    callback = resumed_settings_callback()
+    callback.on_train_begin(None, state, None, lr_scheduler=ok)
+    with pytest.raises(ConfigError, match="ends at step 20, not at 30"):
+        callback.on_train_begin(None, state, None, lr_scheduler=stale)

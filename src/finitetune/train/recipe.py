@@ -291,7 +291,7 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         fingerprints=fingerprints)
     checkpoint = resume.checkpoint if resume is not None else None
     first = checkpoint.step if checkpoint is not None else 0
-    # killed after its last checkpoint (ResumeDecision.nothing_left): train nothing more
+    # killed after its last checkpoint: train nothing more (its total is the checkpoint's step)
     untrained = checkpoint is not None and first >= args.max_steps
     if resume_from is not None:
         trainer.add_callback(resumed_settings_callback())  # logging/saving as now configured

@@ -66,11 +66,6 @@ class ResumeDecision:
         """No healthy checkpoint: training starts again from step 0 (settings are free)."""
         return self.checkpoint is None
 
-    @property
-    def nothing_left(self) -> bool:
-        """The checkpoint is the last step: finish (final/, evaluation, report) untrained."""
-        return self.checkpoint is not None and self.step >= self.total
-
 
 def decide_resume(cfg: TrainConfig, total: int) -> ResumeDecision | None:
     """Judge ``cfg``'s resume of ``cfg.output_dir``, reading only (see the module docstring).
@@ -83,6 +78,8 @@ def decide_resume(cfg: TrainConfig, total: int) -> ResumeDecision | None:
     if not cfg.resume:
         return None
     out = Path(str(cfg.output_dir))
+    if not out.is_dir():
+        return None  # no run there: the output-directory check says so (exit 2)
     check_run_files(out)
     chosen, rejected = select_checkpoint(out)  # reads (and scans) only
     state = run_files.read_status(out)
@@ -126,10 +123,10 @@ def _check_steps(decision: ResumeDecision, cfg: TrainConfig,
     name = "max_steps" if cfg.max_steps > 0 else "num_train_epochs"
     value = cfg.max_steps if cfg.max_steps > 0 else cfg.num_train_epochs
     if total < step:
-        raise SettingError(name, value, f"a total above the {step} steps the run already "
-                           f"trained ({decision.checkpoint.name if decision.checkpoint else ''}"
-                           f" is step {step}, and {name} {value} means {total} steps): a "
-                           "resume can only add steps")
+        raise SettingError(name, value, f"at least the {step} steps the run already trained "
+                           f"({decision.checkpoint.name if decision.checkpoint else ''} is step "
+                           f"{step}; {name} {value} means {total} steps): a resume can only "
+                           "add steps, give a larger value or leave it out")
     if total == step and state == run_files.RunState.COMPLETED:
         raise ConfigError(f"--resume: the run completed all {step} steps; there is nothing "
                           f"to resume. Give {'--max-steps' if cfg.max_steps > 0 else '--num-train-epochs'} "
@@ -137,14 +134,28 @@ def _check_steps(decision: ResumeDecision, cfg: TrainConfig,
 
 
 def resumed_settings_callback() -> Any:
-    """A Trainer callback that makes logging and saving follow the settings of *this* run when
-    it resumes: the Trainer restores ``logging_steps`` and ``save_steps`` from the checkpoint's
+    """A Trainer callback that makes a resumed run follow the settings of *this* run.
+
+    The Trainer restores ``logging_steps`` and ``save_steps`` from the checkpoint's
     ``trainer_state.json`` (and only warns that they differ), so a changed ``--logging-steps``
-    or ``--save-steps`` (or the end-of-run save of a longer run) would otherwise not apply."""
+    or ``--save-steps`` (or the end-of-run save of a longer run) would otherwise not apply;
+    they are set again from the arguments. The learning-rate schedule is rebuilt for the new
+    total and only its position restored (transformers' schedules are ``functools.partial``
+    functions that carry the total steps, which ``LambdaLR``'s state does not hold): that is
+    checked, and a schedule that kept the old total stops the run rather than log a learning
+    rate the recorded settings do not give."""
     from transformers import TrainerCallback
 
     class ResumedSettings(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        def on_train_begin(self, args: Any, state: Any, control: Any,
+                           lr_scheduler: Any = None, **kwargs: Any) -> None:
             state.compute_steps(args, state.max_steps)
+            for fn in getattr(lr_scheduler, "lr_lambdas", None) or []:
+                total = (getattr(fn, "keywords", None) or {}).get("num_training_steps")
+                if total is not None and total != state.max_steps:
+                    raise ConfigError(
+                        f"--resume: the restored learning-rate schedule ends at step {total}, "
+                        f"not at {state.max_steps}: this transformers restores the schedule's "
+                        "length from the checkpoint, so a longer run cannot be honoured here")
 
     return ResumedSettings()

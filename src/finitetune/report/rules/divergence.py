@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from finitetune.numerics.robust_stats import robust_scale
-from finitetune.report.rules.base import Context, finding, finite, fmt
+from finitetune.report.rules.base import Context, finding, fmt
 
 SPIKE_Z = 6.0
 """Robust z-score (MAD units, on the logarithm) of a spike."""
@@ -44,14 +44,18 @@ def _above(values: list[float | None], among: list[int], *, ratio: float,
     import numpy as np
     from numpy.lib.stride_tricks import sliding_window_view
 
+    if len(among) <= min_points:
+        return []
     logs = np.log(np.asarray([values[i] for i in among], dtype=np.float64))
-    # the lowest value of each window, to skip entries that cannot be `ratio` x its median
+    # candidates, vectorised: an entry `ratio` x above its window's median is at least that
+    # far above the window's lowest value (the exact test below runs on these few only)
     padded = np.concatenate([np.full(WINDOW - 1, np.inf), logs])
     lows = sliding_window_view(padded, WINDOW).min(axis=1)  # lows[k]: min of logs[k-W+1..k]
     step = math.log(ratio)
+    candidates = np.nonzero(logs[1:] - lows[:-1] >= step)[0] + 1
     out = []
-    for k in range(min_points, len(among)):
-        if (only is not None and among[k] != only) or logs[k] - lows[k - 1] < step:
+    for k in candidates.tolist():
+        if k < min_points or (only is not None and among[k] != only):
             continue
         scale = robust_scale(logs[max(0, k - WINDOW):k].tolist())
         if scale.z(float(logs[k])) > SPIKE_Z and logs[k] - scale.center >= step:
@@ -61,8 +65,13 @@ def _above(values: list[float | None], among: list[int], *, ratio: float,
 
 def _positive(values: list[float | None]) -> list[int]:
     """Indices of the finite, non-zero entries; none when any finite entry is negative."""
-    have = [i for i, v in enumerate(values) if v is not None and finite(v) and v != 0.0]
-    return [] if any((values[i] or 0.0) < 0 for i in have) else have
+    import numpy as np
+
+    arr = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
+    keep = np.isfinite(arr) & (arr != 0.0)
+    if bool((arr[keep] < 0).any()):
+        return []
+    return np.nonzero(keep)[0].tolist()
 
 
 def grad_spikes(c: Context) -> list[dict[str, Any]]:
