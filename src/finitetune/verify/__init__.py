@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from finitetune.errors import ConfigError
+from finitetune.parsing.terminal import printable
 from finitetune.rundir.jsonio import write_json_atomic
 
 __all__ = ["VerifyResult", "run_verify"]
@@ -74,7 +75,7 @@ def run_verify(
 
     def say(text: str = "") -> None:
         if not as_json:
-            print(text, file=stream, flush=True)
+            print(printable(text), file=stream, flush=True)  # paths and names the user gave
 
     start = time.perf_counter()
     held = contextlib.ExitStack()  # the output directory's RunLock, once it is made
