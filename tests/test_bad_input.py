@@ -17,7 +17,6 @@ Most cases fail before any model loads; the few that must load one use the tiny 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from finitetune.cli.main import main
+from finitetune.testing.files import snapshot
 
 IS_ROOT = os.geteuid() == 0
 
@@ -278,7 +278,7 @@ COMMANDS = {  # check, report, env, verify: their own settings
     "env_precision": Case("env --precision fp8", "unknown precision 'fp8'"),
     "env_device": Case("env --device tpu", "unknown device 'tpu'"),
     "env_model_missing": Case("env --model ./no/such/model", "model directory not found"),
-    "verify_steps": Case("verify --steps 1", "--steps must be at least 2"),
+    "verify_steps": Case("verify --steps 1", "--steps 1: expected at least 5"),
     "verify_scenario": Case("verify --scenario bogus", "unknown scenario 'bogus'"),
     "verify_data_missing": Case("verify --data {w}/nope.jsonl", "data file not found"),
     "no_verb": Case("", "usage:"),
@@ -420,28 +420,6 @@ def _workspace(w: Path, case: Case) -> dict[str, str]:
     for name, content in case.files:
         (w / name).write_bytes(content.encode("utf-8", "surrogateescape"))
     return {"w": str(w), "data": str(w / "d.jsonl")}
-
-
-def snapshot(*roots: Path) -> dict[str, tuple]:
-    """Every entry under ``roots`` (symlinks not followed): kind, mode, size, mtime, content
-    hash (files), link target (links). Directory mtimes too: a temporary file created and
-    removed again would show."""
-    out: dict[str, tuple] = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in [*dirnames, *filenames, ""]:
-                path = os.path.join(dirpath, name) if name else dirpath
-                st = os.lstat(path)
-                entry: tuple = (stat.S_IFMT(st.st_mode), st.st_mode, st.st_mtime_ns)
-                if stat.S_ISREG(st.st_mode):
-                    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-                    entry += (st.st_size, digest)
-                elif stat.S_ISLNK(st.st_mode):
-                    entry += (os.readlink(path),)
-                elif stat.S_ISCHR(st.st_mode):
-                    entry += (st.st_rdev,)
-                out[path] = entry
-    return out
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:

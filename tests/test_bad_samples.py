@@ -149,3 +149,116 @@ def test_nan_batch_is_not_seen_again_after_a_restart_and_the_report_names_it(
     text = capsys.readouterr().out
     assert f"{poisoned_id} ({where})" in text and "resuming from checkpoint-" in text
     assert torch.isfinite(torch.tensor(metrics[9]["loss"]))
+
+
+# ---------------------------------------------------------------- remembered by content --
+def _fps(records):
+    from finitetune.data.fingerprint import RowFingerprints
+
+    return RowFingerprints.of(records, records)
+
+
+def test_remembered_samples_are_found_by_content_when_the_data_changed(tmp_path, caplog):
+    """Five rows inserted at the top: the poisoned row moved from index 3 to 8. The resumed
+    run leaves out index 8 (the poisoned row), not index 3 (a healthy row now), says so at
+    start-up, and records where the rows went; a row no longer in the data is named too."""
+    old = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]
+    new = [{"prompt": f"n{i}", "response": "x"} for i in range(5)] + old[:6] + old[7:]
+    memory = BadSampleMemory(tmp_path, mode="step", fingerprints=_fps(old),
+                             sources=lambda i: f"d.jsonl:{i + 1}")
+    memory.record(_Outcome(4), [[3, 6]])  # the step held rows 3 and 6 of the old file
+    assert memory.skip == {3, 6}
+    first = run_files.read_jsonl(tmp_path / run_files.BAD_SAMPLES).records[0]
+    assert first["data"] == _fps(old).data and len(first["fingerprints"]) == 2
+
+    caplog.set_level("WARNING", logger="finitetune")
+    again = BadSampleMemory(tmp_path, mode="step", fingerprints=_fps(new),
+                            sources=lambda i: f"d.jsonl:{i + 1}")
+    assert again.skip == {8}  # row 3 moved to 8; row 6 was removed from the file
+    assert 3 not in again.skip and 6 not in again.skip  # healthy rows now at those indices
+    said = caplog.text
+    assert "3 (d.jsonl:4) is now 8 (d.jsonl:9)" in said
+    assert "NOT found among today's training rows" in said and "6 (d.jsonl:7)" in said
+    remap = run_files.read_jsonl(tmp_path / run_files.BAD_SAMPLES).records[-1]
+    assert remap["kind"] == "remap" and remap["moved"][0]["now"] == 8
+    assert [m["sample_id"] for m in remap["missing"]] == [6]
+
+    from finitetune.report.history import bad_sample_lines
+
+    lines = bad_sample_lines(run_files.read_jsonl(tmp_path / run_files.BAD_SAMPLES).records)
+    assert "3 (d.jsonl:4; now 8 at d.jsonl:9)" in lines[0]
+    assert "6 (d.jsonl:7; not among the training rows any more)" in lines[0]
+    # the same data again: nothing moves, nothing is said, the indices stand
+    caplog.clear()
+    same = BadSampleMemory(tmp_path, mode="step", fingerprints=_fps(old))
+    assert same.skip == {3, 6} and "data changed" not in caplog.text
+
+
+@pytest.mark.slow
+def test_a_poisoned_row_moved_by_an_edit_is_still_left_out_after_resume(
+        tmp_path, tiny_model_dir, monkeypatch, one_thread, capsys, caplog):
+    """The case that fed the poisoned row: remembered at one line, five lines inserted at the
+    top of the data file, resume. The poisoned row is never fed again, the healthy row now at
+    its old index is trained on, the start-up says what moved, and explain names the line the
+    row is on now."""
+    import finitetune.models as models
+    from finitetune.builtin.tasks import tiny_task
+    from finitetune.models import load_tokenizer
+    from finitetune.train.recipe import split_records
+
+    base = [{"prompt": r["prompt"], "response": r["response"]} for r in tiny_task(45, seed=7)]
+    old, extra = base[:40], base[40:]
+    new = extra + old
+    # a row in the training split of both files, at a different training index in each
+    def train_index(n, line):
+        train, _ = split_records([{"at": i} for i in range(n)], 4, 0)
+        at = [t["at"] for t in train]
+        return at.index(line) if line in at else None
+    line = next(i for i in range(40) if train_index(40, i) is not None
+                and train_index(45, i + 5) is not None
+                and train_index(40, i) != train_index(45, i + 5))
+    old[line] = {**old[line], "prompt": "~~~~ " + old[line]["prompt"]}
+    new = extra + old
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in old))
+    token = load_tokenizer(tiny_model_dir)("~~~~")["input_ids"][0]
+    faults: list[_NaNForToken] = []
+    real_load = models.load_model
+
+    def load_with_fault(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        faults.append(_NaNForToken(model, token))
+        return model
+
+    monkeypatch.setattr(models, "load_model", load_with_fault)
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out),
+            "--max-steps", "9", "--save-steps", "1", "--save-total-limit", "20",
+            "--logging-steps", "1", "--batch-size", "4", "--eval-size", "4", "--lora-r", "0",
+            "--precision", "fp32", "--no-eval-before", "--skip-bad-samples", "step"]
+    assert main(args) == 0
+    bad = run_files.read_jsonl(out / run_files.BAD_SAMPLES).records
+    assert len(bad) == 1 and f"{data}:{line + 1}" in bad[0]["sources"]
+    k = bad[0]["step"]
+    old_id = bad[0]["sample_ids"][bad[0]["sources"].index(f"{data}:{line + 1}")]
+    new_id = train_index(45, line + 5)
+    for path in run_files.checkpoints(out):
+        if run_files.checkpoint_step(path) >= k:
+            shutil.rmtree(path)
+    data.write_text("".join(json.dumps(r) + "\n" for r in new))  # 5 lines at the top
+    caplog.set_level("WARNING", logger="finitetune")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert faults[1].seen == 0  # the poisoned row, now 5 lines down, was never fed again
+    assert (f"{old_id} ({data}:{line + 1}) is now {new_id} ({data}:{line + 6})"
+            in caplog.text)
+    remap = run_files.read_jsonl(out / run_files.BAD_SAMPLES).records[-1]
+    assert remap["kind"] == "remap" and {"sample_id": old_id, "now": new_id,
+                                         "source": f"{data}:{line + 6}"}.items() <= next(
+        m for m in remap["moved"] if m["sample_id"] == old_id).items()
+    assert not remap["missing"]  # the step's other rows were all found again too
+    metrics = {m["step"]: m for m in run_files.read_jsonl(out / "metrics.jsonl").records}
+    assert sorted(metrics) == list(range(1, 10)) and metrics[9]["loss"] is not None
+    capsys.readouterr()
+    assert main(["explain", str(out)]) == 0
+    assert f"now {new_id} at {data}:{line + 6}" in capsys.readouterr().out

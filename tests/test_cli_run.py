@@ -227,3 +227,53 @@ def test_run_reads_its_config_as_train_does(tmp_path, capsys):
     bad.write_text("policy: skip\nmax_grad_norm: -1\n")
     assert main(["run", "--config", str(bad), "--", "python"]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
+
+
+WAITING = SCRIPT.replace("Trainer(model=model, args=args, train_dataset=rows).train()", '''
+import os, pathlib, time
+trainer = Trainer(model=model, args=args, train_dataset=rows)  # the directory is locked here
+if len(sys.argv) > 3:  # the first program: hold the directory until the test says go
+    pathlib.Path(sys.argv[3] + ".ready").write_text(str(os.getpid()))
+    while not pathlib.Path(sys.argv[3] + ".go").exists():
+        time.sleep(0.05)
+trainer.train()''')
+
+
+@pytest.mark.slow
+def test_a_second_program_on_a_trainer_s_output_dir_is_refused_naming_the_first(tmp_path):
+    """Two `finitetune run` on one output_dir. The first holds it from its Trainer's
+    construction to its end; the second is refused there (exit 2, the holder named), writes
+    nothing into the directory, and the first's metrics have every step exactly once."""
+    from finitetune.testing.files import snapshot
+
+    script = tmp_path / "train.py"
+    script.write_text(WAITING)
+    out, flag = tmp_path / "out", tmp_path / "flag"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "finitetune", "run", "--no-report", "--", sys.executable,
+            str(script), str(out), "6"]
+    first = subprocess.Popen([*base, str(flag)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # the first program has built its Trainer (no clock asserted)
+            if (tmp_path / "flag.ready").exists() or first.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert (tmp_path / "flag.ready").exists(), first.communicate()[1][-3000:]
+        holder = (tmp_path / "flag.ready").read_text()
+        before = snapshot(out)
+        second = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
+        assert snapshot(out) == before  # nothing of the second program went into it
+        (tmp_path / "flag.go").write_text("")
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"{out} is in use: finitetune run (" in second.stderr
+    assert f"pid {holder} on" in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 0, err[-3000:]
+    steps = [m["step"] for m in _lines(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # once the first has ended, the directory is free again
+    third = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]

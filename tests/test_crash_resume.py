@@ -109,7 +109,10 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_weights(
         assert "skipped checkpoint-4: partial" in caplog.text
     if point == "log:5":
         assert any("truncated last line" in note for note in events[0]["repaired"])
-    if point == "end":
-        assert f"trained {STEPS} steps" in captured.out  # not one step more
+    if point == "end":  # not one step more, and said so plainly
+        assert f"nothing left to train: checkpoint-{STEPS} is step {STEPS} of {STEPS}" in (
+            captured.out) and "trained" not in captured.out.replace("nothing left to train", "")
+    elif resumed_from is not None:
+        assert f"trained steps {int(resumed_from.split('-')[1]) + 1}-{STEPS} " in captured.out
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "healthy"

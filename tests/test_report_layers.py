@@ -18,7 +18,8 @@ VIEWS = {"finitetune.report.render", "finitetune.report.html", "finitetune.repor
          "finitetune.report.live"}
 MODEL = {"finitetune.report.health", "finitetune.report.stats", "finitetune.report.rules",
          "finitetune.report.rules.base", "finitetune.report.rules.nonfinite",
-         "finitetune.report.rules.progress", "finitetune.report.run_status"}
+         "finitetune.report.rules.progress", "finitetune.report.rules.divergence",
+         "finitetune.report.evidence", "finitetune.report.run_status"}
 LOADING = {"finitetune.report.records", "finitetune.report.names", "finitetune.report.fmt",
            "finitetune.report.history",
            "finitetune.report.console", "finitetune.report.fragments",
@@ -85,6 +86,7 @@ def test_the_spike_rule_and_the_guard_share_one_robust_z_score():
     import finitetune.numerics.robust_stats as robust
 
     assert policy.robust_z is robust.robust_z
-    assert "finitetune.numerics.robust_stats.robust_scale" in MODULES["finitetune.report.rules.progress"]
+    assert ("finitetune.numerics.robust_stats.robust_scale"
+            in MODULES["finitetune.report.rules.divergence"])  # the loss and grad-norm spikes
     assert robust.robust_z([1.0, 1.0, 1.0, 2.0], 1.5, 0.02) == robust.robust_scale(
         [1.0, 1.0, 1.0, 2.0], 0.02).z(1.5)

@@ -32,8 +32,10 @@ def test_seed_after_lines_give_the_hand_written_numbers():
     assert (loss.total, loss.valid, loss.nan, loss.zero) == (2, 2, 0, 0)
     assert (loss.min, loss.max, round(loss.mean, 4)) == (2.1651, 2.2549, 2.21)
     assert r.trend.direction == "decreasing" and r.trend.evidence == "weak"
-    assert r.verdict == "healthy" and r.learns is True
+    # two entries show no problem, and too little to show learning: not called healthy
+    assert r.verdict == "inconclusive" and r.learns is None
     assert main(["report", str(LOGS / "seed_after.log")]) == 0
+    assert main(["report", str(LOGS / "seed_after.log"), "--strict"]) == 1
 
 
 def test_seed_before_lines_are_a_hidden_nan_loss():

@@ -33,7 +33,9 @@ def test_the_set_is_real_and_large_enough():
     assert files == {e["file"] for e in MANIFEST}
     for e in MANIFEST:
         assert e["source"].startswith("https://github.com/") and e["expected_verdict"] in (
-            "healthy", "warning", "unhealthy")
+            "healthy", "inconclusive", "warning", "unhealthy")
+        # a verdict that changed with the rules says why, in the manifest
+        assert e["expected_verdict"] != "inconclusive" or e.get("verdict_change")
     assert len({e["source"] for e in MANIFEST}) == len(MANIFEST)  # one thread each
     assert sum(e["thread_cause"] is not None for e in MANIFEST) >= 5
 
@@ -49,7 +51,8 @@ def test_expected_verdict_and_cause(entry, tmp_path):
         named = [f.title for f in r.findings if f.rule == entry["cause_rule"]]
         assert named and CAUSE_WORDS[entry["cause_rule"]] in named[0]
     # the CLI agrees, and pasting the same lines on stdin gives the same verdict
-    want = {"healthy": 0, "warning": 0, "unhealthy": 1}[entry["expected_verdict"]]
+    want = {"healthy": 0, "inconclusive": 0, "warning": 0, "unhealthy": 1}[
+        entry["expected_verdict"]]
     assert main(["report", str(path), "-o", str(tmp_path / "r.md")]) == want
     assert health_report(path.read_text(encoding="utf-8") + "\n").verdict == r.verdict
     assert "0.0000 entries" not in to_markdown(r)

@@ -39,14 +39,16 @@ def test_markdown_has_the_seed_report_sections_and_numbers(capsys):
     loss = md[md.index("## Loss values"):md.index("## Learning rate")]
     assert "| Range | 2.1651–2.2549 |" in loss and "| Mean | 2.2100 |" in loss
     assert "Trend: decreasing" in loss and "weak evidence" in loss
-    assert "**Verdict: HEALTHY" in md and "## Before / after" not in md
+    assert "**Verdict: INCONCLUSIVE (exit code 0; 1 with --strict)" in md
+    assert "## Before / after" not in md and "Model learns: not shown" in md
+    assert "Inconclusive: nothing in this log shows that the model learns" in md
 
 
 def test_compare_prints_the_before_after_table(capsys):
     assert main(["report", AFTER, "--compare", BEFORE]) == 0  # exit code: the PATH run
     md = capsys.readouterr().out
     table = md[md.index("## Before / after"):md.index("## Conclusion")]
-    for row in ("| Verdict | unhealthy | healthy |", "| Grad norm entries | 3 | 2 |",
+    for row in ("| Verdict | unhealthy | inconclusive |", "| Grad norm entries | 3 | 2 |",
                 "| Grad norm valid | 0 | 2 |", "| Grad norm NaN | 3 | 0 |",
                 "| Grad norm range | n/a | 1.5671–1.6627 |", "| Loss zero | 3 | 0 |",
                 "| Loss mean | 0.0000 | 2.2100 |", "| Loss trend | unknown | decreasing |"):
@@ -58,7 +60,7 @@ def test_compare_prints_the_before_after_table(capsys):
 def test_json_is_strict_and_keeps_what_nan_was(capsys):
     assert main(["report", AFTER, "--compare", BEFORE, "--format", "json"]) == 0
     data = _strict_json(capsys.readouterr().out)
-    assert data["verdict"] == "healthy" and data["exit_code"] == 0
+    assert data["verdict"] == "inconclusive" and data["exit_code"] == 0
     assert data["metrics"]["grad_norm"]["mean"] == pytest.approx(1.6149, abs=5e-5)
     before = data["before"]
     assert before["verdict"] == "unhealthy" and before["findings"][0]["rule"] == "hidden_nan_loss"
@@ -134,6 +136,6 @@ def test_write_reports_on_an_empty_run_directory(tmp_path):
 def test_report_object_api():
     r = health_report(BEFORE, compare=AFTER)
     assert r.exit_code() == 1 and r.before is not None and r.before.exit_code() == 0
-    assert report_dict(r)["before"]["verdict"] == "healthy"
+    assert report_dict(r)["before"]["verdict"] == "inconclusive"
     assert _strict_json(to_json(r))["metrics"]["loss"]["zero"] == 3
     assert to_markdown(r).startswith("# Training health report")

@@ -78,11 +78,21 @@ def test_rising_flat_and_falling_are_each_named_with_their_own_rule():
     assert _titles(rising)["loss_not_decreasing"].startswith("Loss is rising, not decreasing")
     text = trend_text(rising)
     assert text.startswith("Trend: rising.") and "(rising: the interval lies above 0" in text
-    flat = health_report(_lines([{"loss": 2.0 + 0.01 * (-1) ** i, "grad_norm": 1.0}
-                                 for i in range(12)]))
+    noisy = health_report(_lines([{"loss": 2.0 + 0.01 * (-1) ** i, "grad_norm": 1.0}
+                                  for i in range(12)]))
+    text = trend_text(noisy)
+    assert noisy.trend.direction == "none" and noisy.trend.evidence == "none"
+    assert text.startswith("Trend: no significant trend over 12 points")
+    assert "includes 0" in text and "decreasing:" not in text and "strong" not in text
+    assert _titles(noisy)["loss_not_decreasing"].startswith(
+        "Loss shows no significant trend over 12 points")
+    assert noisy.learns is None  # no trend found is not "does not learn"
+    flat = health_report(_lines([{"loss": 2.0 - 0.0001 * i, "grad_norm": 1.0}
+                                 for i in range(12)]))  # falls, significantly, by 0.05 %
     text = trend_text(flat)
     assert flat.trend.direction == "flat" and text.startswith("Trend: flat.")
-    assert "(flat: the interval includes 0" in text and "decreasing:" not in text
+    assert "the fitted change is under 1 % of the median loss" in text
+    assert _titles(flat)["loss_not_decreasing"].startswith("Loss is flat, not decreasing")
     falling = health_report(_lines([{"loss": 3.0 - 0.2 * i, "grad_norm": 1.0 + 0.01 * (i % 3)}
                                     for i in range(12)]))
     text = trend_text(falling)

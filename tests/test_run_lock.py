@@ -225,6 +225,6 @@ def test_verify_holds_its_output_directory_while_it_writes(tmp_path, monkeypatch
 
     monkeypatch.setattr(harness, "run_arm", first_arm)
     with pytest.raises(Stop):
-        run_verify("tiny", steps=2, output_dir=str(out), out=io.StringIO())
+        run_verify("tiny", steps=5, output_dir=str(out), out=io.StringIO())
     assert seen and f"finitetune verify, pid {os.getpid()}" in (seen[0] or "")
     assert lock_holder(out) is None

@@ -144,7 +144,7 @@ def test_a_fault_that_does_not_reproduce_fails_verify(monkeypatch, tmp_path, cap
             pass
 
     monkeypatch.setattr(scenarios, "GradFault", NoFault)
-    code = main(["verify", "--steps", "2", "--scenario", "inf_grad",
+    code = main(["verify", "--steps", "5", "--scenario", "inf_grad",
                  "--output-dir", str(tmp_path / "v")])
     text = capsys.readouterr().out
     assert code == 1, text
@@ -170,7 +170,7 @@ def test_a_precision_policy_that_accepts_fp16_on_the_cpu_fails_verify(monkeypatc
         return real(model, device=device, requested=requested)
 
     monkeypatch.setattr(policy, "choose_precision", permissive)
-    code = main(["verify", "--steps", "2", "--scenario", "fp16_overflow"])
+    code = main(["verify", "--steps", "5", "--scenario", "fp16_overflow"])
     text = capsys.readouterr().out
     assert code == 1, text
     assert "FAILED: an explicit fp16 request on this CPU is refused with a fix (it was " \
@@ -180,4 +180,5 @@ def test_a_precision_policy_that_accepts_fp16_on_the_cpu_fails_verify(monkeypatc
 def test_bad_arguments_exit_2(capsys):
     assert main(["verify", "--scenario", "nope"]) == 2
     assert "unknown scenario 'nope'" in capsys.readouterr().err
-    assert main(["verify", "--steps", "1"]) == 2
+    assert main(["verify", "--steps", "4"]) == 2
+    assert "--steps 4: expected at least 5" in capsys.readouterr().err

@@ -115,6 +115,12 @@ class ReportInputError(FinitetuneError):
     exit_code = 2
 
 
+class NestingError(ReportInputError, ValueError):
+    """JSON or YAML nested deeper than :data:`finitetune.parsing.MAX_NESTING` levels: refused,
+    naming the file and line, before a recursive parser can fail on it. A ``ValueError`` as
+    well, so a tolerant reader that skips unreadable lines skips such a line the same way."""
+
+
 class NonFiniteHalt(FinitetuneError):
     """Training stopped because the guard could not keep it finite.
 

@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**report.to_dict(), "bad_percent": bad_pct}, indent=2))
     else:
-        print(format_report(report, data.path))
+        from finitetune.parsing.terminal import printable
+
+        print(printable(format_report(report, data.path)))
     return 1 if bad_pct > args.max_bad else 0
 
 

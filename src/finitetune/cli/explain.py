@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finitetune.errors import ReportInputError
+from finitetune.parsing.terminal import printable
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import file_kind
 
@@ -194,11 +195,11 @@ def explain(path: str | Path) -> str:
     blocks = [format_event(e, run_dir) for e in events]
     bad = run_files.read_jsonl(run_dir / run_files.BAD_SAMPLES, run_files.Tolerance.TOLERANT)
     if bad.records:
-        from finitetune.report.history import bad_sample_line
+        from finitetune.report.history import bad_sample_lines
 
         blocks.append("remembered bad samples (bad_samples.jsonl; left out of later batches "
                       "as guard.skip_bad_samples says):\n" + "\n".join(
-            f"  {bad_sample_line(e)}" for e in bad.records))
+            f"  {line}" for line in bad_sample_lines(bad.records)))
     return f"{run_dir}: {len(events)} guard events ({summary})\n\n" + "\n\n".join(blocks) + "\n"
 
 
@@ -208,5 +209,5 @@ def run(args: argparse.Namespace) -> int:
         _, events = load_events(args.run_dir)
         sys.stdout.write(json.dumps(events, indent=2, allow_nan=False) + "\n")
         return 0
-    sys.stdout.write(explain(args.run_dir))
+    sys.stdout.write(printable(explain(args.run_dir)))
     return 0

@@ -63,17 +63,31 @@ def main(argv: list[str] | None = None) -> int:
     verb = verb if verb in VERBS else None
     parser = build_parser(only=verb)
     args = parser.parse_args(argv)
+    _printable_logs()
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
     try:
         return int(_verb_module(args.verb).run(args) or 0)
     except FinitetuneError as exc:
-        print(f"finitetune {args.verb}: error: {exc}", file=sys.stderr)
+        from finitetune.parsing.terminal import printable
+
+        print(printable(f"finitetune {args.verb}: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("finitetune: interrupted", file=sys.stderr)
         return 130
+
+
+def _printable_logs() -> None:
+    """finitetune's warnings name the user's files and samples: no escape reaches the terminal."""
+    import logging
+
+    from finitetune.parsing.terminal import PrintableLog
+
+    logger = logging.getLogger("finitetune")
+    if not any(isinstance(f, PrintableLog) for f in logger.filters):
+        logger.addFilter(PrintableLog())
 
 
 def set_offline_if_local(*paths: str | None) -> None:

@@ -1,7 +1,8 @@
 """``finitetune report``: health report of a run directory, trainer_state.json or pasted logs.
 
-Exit code 0 healthy (warnings allowed unless ``--strict``), 1 unhealthy, 2 unreadable input, so
-a CI job can gate a fine-tune on its own logs.
+Exit code 0 healthy, and also for a warning or an inconclusive log (nothing wrong, nothing
+showing that the model learns) unless ``--strict``; 1 unhealthy; 2 unreadable input. So a CI
+job can gate a fine-tune on its own logs, and with ``--strict`` demand evidence that it learns.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
                    help="output format (default md)")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write to FILE (a regular file; - for stdout) instead of stdout")
-    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 unless healthy (a warning or an inconclusive log fails too)")
     p.add_argument("--vocab-size", type=int, metavar="N",
                    help="vocabulary size for the first-loss bound (default: from the run, "
                         "else 262144)")
@@ -41,8 +43,10 @@ _FORMATS = ("Reads a finitetune run directory, a transformers trainer_state.json
             "console text (the Trainer's printed dicts; DeepSpeed, Megatron, torchtitan, "
             "nanoGPT 'loss: x' lines), a TensorBoard event folder (pip install "
             "'finitetune[logs]'), an MLflow mlruns/ folder, a trackio .db store or W&B CSV "
-            "exports. Exit codes: 0 healthy, 1 unhealthy (or any warning with --strict), 2 "
-            "unreadable input.")
+            "exports. Verdicts: healthy (evidence that the model learns, nothing wrong), "
+            "inconclusive (nothing wrong, nothing showing it learns), warning, unhealthy. Exit "
+            "codes: 0 healthy, inconclusive or warning; 1 unhealthy (or anything but healthy "
+            "with --strict); 2 unreadable input.")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,10 @@ processes, gets the gradient guard (:mod:`finitetune.integrations.launch.autogua
 printed.
 
 Exit code: the program's own, except **3** when the guard halted a Trainer's training (too many
-bad steps in a row; the program then ends with ``NonFiniteHalt``), and 2 for a bad option or a
-command that cannot be started.
+bad steps in a row; the program then ends with ``NonFiniteHalt``), and 2 for a bad option, a
+command that cannot be started, or a Trainer whose ``output_dir`` (or ``--events-dir``)
+another process is writing: each Trainer's directory is locked by the program that uses it
+(the lock of ``finitetune train``), and a second writer is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from finitetune.errors import ConfigError, FinitetuneError
+from finitetune.parsing.terminal import printable
 
 HALT_EXIT_CODE = 3
 """Exit code of ``finitetune run`` when the guard halted a Trainer of the program."""
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="finitetune-run-") as tmp:
         manifest = Path(tmp) / "manifest.jsonl"
         settings = {"guard": not args.no_guard, "config": config.to_dict(),
+                    "command": shlex.join(command),
                     "attribution": not args.no_attribution,
                     "events_dir": str(Path(args.events_dir).resolve()) if args.events_dir
                     else None, "inject": specs, "manifest": str(manifest)}
@@ -169,10 +174,11 @@ def _run_program(command: list[str], env: dict[str, str]) -> int:
 def _conclude(runs: list[Any], rc: int, args: argparse.Namespace) -> int:
     out = sys.stdout
     refused = [r for r in runs if r.refused]
-    for run in refused:
-        print(f"finitetune run: the guard refused to train {run.trainer} (output_dir "
-              f"{run.output_dir}): {run.refused}", file=sys.stderr)
-    if refused:  # the program stopped at the refusal: nothing of it trained unguarded
+    for r in refused:
+        print(printable(f"finitetune run: the guard refused to train {r.trainer} (output_dir "
+                        f"{r.output_dir}): {r.refused}" if r.refused_by == "guard"
+                        else f"finitetune run: error: {r.refused}"), file=sys.stderr)
+    if refused:  # stopped when the Trainer was built: nothing of it trained, nothing written
         return rc or 2
     if not runs:
         print("finitetune run: the program built no transformers.Trainer that started "
@@ -185,9 +191,9 @@ def _conclude(runs: list[Any], rc: int, args: argparse.Namespace) -> int:
         counts = (f", {c.get('skipped', 0)} step(s) not applied, {c.get('nonfinite', 0)} "
                   f"non-finite" if c else "")
         injected = f"; injected {', '.join(run.injected)}" if run.injected else ""
-        print(f"\nfinitetune run: training in {run.output_dir} {status} at step "
-              f"{run.global_step}{counts}{injected}; events and metrics in {run.events_dir}"
-              f"{_ranks_note(run.rank_checksums)}", file=out)
+        print(printable(f"\nfinitetune run: training in {run.output_dir} {status} at step "
+                        f"{run.global_step}{counts}{injected}; events and metrics in "
+                        f"{run.events_dir}{_ranks_note(run.rank_checksums)}"), file=out)
         if not args.no_report:
             _print_report(run.events_dir, out)
     if any(r.halted for r in runs):

@@ -81,9 +81,9 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("verb", "config")}
     flags = {dest: f"flag {flag}" for flag, (dest, *_rest) in {**FLAGS, **SWITCHES}.items()}
-    from finitetune.settings.resolve import resolve_config
+    from finitetune.settings.resolve import resolve_run_config
 
-    cfg = resolve_config(args.config, overrides, {k: flags.get(k, k) for k in overrides})
+    cfg = resolve_run_config(args.config, overrides, {k: flags.get(k, k) for k in overrides})
     from finitetune.cli.main import set_offline_if_local
 
     set_offline_if_local(cfg.model, cfg.data.path)

@@ -9,8 +9,9 @@ huge log never makes the watcher itself the bottleneck.
 Exit codes: 1 as soon as the verdict reaches ``--exit-on`` (so a job script can stop a burning
 run), else, when a finitetune run ends (its report.json appears, or its process died: no one
 holds its lock, and the last verdict says it did not finish) or nothing new arrived for
-``--idle-exit`` seconds, the verdict's code (0 healthy, 1 unhealthy); 2 for a path that cannot
-be read; 130 on Ctrl-C.
+``--idle-exit`` seconds, the verdict's code (1 unhealthy, else 0); 2 for a path that cannot
+be read; 130 on Ctrl-C. An inconclusive verdict (too little logged yet to show learning) never
+triggers ``--exit-on``: every run starts that way.
 """
 
 from __future__ import annotations

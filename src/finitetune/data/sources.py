@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finitetune.errors import DataError
+from finitetune.errors import DataError, NestingError
+from finitetune.parsing.nesting import json_loads
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
            ".parquet": "parquet", ".pq": "parquet"}
@@ -83,7 +84,9 @@ def _read_jsonl(path: Path):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json_loads(line, where)
+            except NestingError as exc:
+                raise DataError(str(exc)) from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
                                 "each line must be one JSON object") from None
@@ -136,7 +139,9 @@ def _check_row(row: dict, where: str, prompt_f: str, response_f: str, messages_f
         messages = row[messages_f]
         if isinstance(messages, str):
             try:
-                messages = json.loads(messages)  # CSV cells carry chat as a JSON string
+                messages = json_loads(messages, f"{where}: field {messages_f!r}")  # CSV cells
+            except NestingError as exc:
+                raise DataError(str(exc)) from None
             except json.JSONDecodeError:
                 raise DataError(f"{where}: field {messages_f!r} is a string, not a list of "
                                 "messages") from None

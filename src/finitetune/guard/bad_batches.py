@@ -35,6 +35,7 @@ gathers them: COLLECTIVE, taken by every rank because the guard's decision is gl
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -42,11 +43,15 @@ from pathlib import Path
 from typing import Any
 
 from finitetune import distributed
+from finitetune.data.fingerprint import RowFingerprints
 from finitetune.guard.policy import Reason
+from finitetune.guard.sample_remap import Remap, remap
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import append_jsonl
 
 __all__ = ["BadSampleMemory", "BadSampleRecorder", "SkipSamples"]
+
+log = logging.getLogger("finitetune")
 
 _NOT_FAULTS = frozenset({Reason.NO_VALID_TOKENS, Reason.SCALER_OVERFLOW})
 """Not-applied steps that say nothing about the data: empty windows, fp16 calibration."""
@@ -62,17 +67,23 @@ class BadSampleMemory:
             also records and skips.
         accumulation: micro-batches per optimizer step (to size the window).
         sources: dataset index -> ``file:line`` (mapping, sequence or callable).
+        fingerprints: the content fingerprints of the training rows and of the data: recorded
+            with each sample, and used to find remembered samples again in data that changed
+            (:mod:`~finitetune.guard.sample_remap`).
     """
 
     def __init__(self, run_dir: str | os.PathLike | None, *, mode: str = "culprits",
                  window: int = 0, accumulation: int = 1,
-                 sources: Mapping[int, str | None] | Sequence[str] | Callable | None = None
-                 ) -> None:
+                 sources: Mapping[int, str | None] | Sequence[str] | Callable | None = None,
+                 fingerprints: RowFingerprints | None = None) -> None:
         self.path = Path(run_dir) / run_files.BAD_SAMPLES if run_dir is not None else None
         self.mode = str(getattr(mode, "value", mode))
         self.window_batches = max(0, int(window)) * max(1, int(accumulation))
         self.sources = sources
+        self.fingerprints = fingerprints
         self.entries = self._load()
+        self.remapped = self._remap()
+        """What was found again (or not) in changed data, said at start-up."""
         self.skip: set[int] = self.skip_ids()
         """The sample ids left out now (shared with :class:`SkipSamples`, updated live)."""
         self.collators: list[SkipSamples] = []
@@ -86,12 +97,30 @@ class BadSampleMemory:
                      else run_files.Tolerance.TOLERANT)
         return run_files.read_jsonl(self.path, tolerance).records
 
+    def _remap(self) -> Remap | None:
+        """Entries recorded on other data, translated to today's rows by content; the console
+        says what moved and what was not found, and (rank 0) ``bad_samples.jsonl`` records it."""
+        if self.fingerprints is None or not self.entries:
+            return None
+        found = remap(self.entries, self.fingerprints, self.source)
+        message = found.message()
+        if message:
+            log.warning("finitetune: %s", message)
+        line = found.record(self.fingerprints.data)
+        if line is not None and self.path is not None and distributed.is_main_process():
+            append_jsonl(self.path, {"time": _now(), **line})
+        return found
+
     def skip_ids(self) -> set[int]:
-        """The sample ids the current mode leaves out, from every remembered entry."""
+        """The sample ids the current mode leaves out, from every remembered entry (in today's
+        indices when the data changed)."""
         out: set[int] = set()
         if self.mode == "off":
             return out
-        for e in self.entries:
+        current = self.remapped.entries if self.remapped is not None else self.entries
+        for e in [*current, *self.entries[len(current):]]:
+            if e.get("kind") == "remap":
+                continue
             if e.get("cause") == "nonfinite_state":
                 continue  # the weights were already NaN/inf: the data is not to blame
             if e.get("kind") == "window":
@@ -137,10 +166,9 @@ class BadSampleMemory:
                  else [local])
         ids = [i for p in parts for i in p["ids"]]
         entry = {
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
-            "step": outcome.step, "reason": reason,
+            "time": _now(), "step": outcome.step, "reason": reason,
             "action": getattr(outcome.action, "value", outcome.action),
-            "sample_ids": ids, "sources": [self.source(i) for i in ids],
+            "sample_ids": ids, "sources": [self.source(i) for i in ids], **self._content(ids),
         }
         found = [i for p in parts for i in p["culprits"]]
         if found:
@@ -157,7 +185,15 @@ class BadSampleMemory:
 
     def _window_entry(self, step: int, ids: list[int], side: str) -> dict[str, Any]:
         return {"step": step, "kind": "window", "side": side, "sample_ids": ids,
-                "sources": [self.source(i) for i in ids]}
+                "sources": [self.source(i) for i in ids], **self._content(ids)}
+
+    def _content(self, ids: list[int]) -> dict[str, Any]:
+        """``data`` and ``fingerprints`` of an entry: what its samples hold, so a resume on
+        changed data finds them (empty without fingerprints)."""
+        fp = self.fingerprints
+        if fp is None:
+            return {}
+        return {"data": fp.data, "fingerprints": [fp.rows.get(i) for i in ids]}
 
     def _remember(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
@@ -204,6 +240,10 @@ class BadSampleMemory:
         for step, ids in sorted(steps.items()):
             if ids:
                 self._remember(self._window_entry(step, ids, "after"))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _ints(values: Any) -> list[int]:

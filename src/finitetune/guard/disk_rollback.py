@@ -27,7 +27,6 @@ Pure torch + safetensors; the Trainer wiring is in
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from finitetune.guard.snapshot import backoff_lr
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir.checkpoints import (
     INDEX_FILES,
     OPTIMIZER,
@@ -148,8 +148,8 @@ def load_safetensors_weights(model: torch.nn.Module, path: Path) -> bool:
     files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
     index = path / INDEX_FILES[0]
     if not files and index.is_file():
-        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"]
-                                              .values()))]
+        files = [path / f for f in sorted(set(json_loads(index.read_text(), str(index))
+                                              ["weight_map"].values()))]
     if not files:
         return False
     live = model.state_dict()  # detached views of the parameters: copy_ writes through

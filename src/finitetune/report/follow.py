@@ -12,13 +12,13 @@ one :class:`~finitetune.report.records.ParsedLog` that grows in place.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from finitetune.errors import ReportInputError
+from finitetune.errors import NestingError, ReportInputError
+from finitetune.parsing.nesting import json_loads
 from finitetune.report.console import KeyValueScanner, scan_dicts
 from finitetune.report.records import Collector, ParsedLog, feed_by_step
 from finitetune.report.tensorboard import EventReader, event_dirs
@@ -151,7 +151,7 @@ class Follower:
         if head.startswith(b"{") and b"\n" in head:
             first = head.split(b"\n", 1)[0]
             try:
-                obj = json.loads(first)
+                obj = json_loads(first, str(p))
             except ValueError:
                 return "state" if p.suffix == ".json" else "console"
             return "state" if isinstance(obj, dict) and "log_history" in obj else "jsonl"
@@ -172,7 +172,7 @@ class Follower:
             return
         if mode == "jsonl":
             for line in lines:
-                entry = _json_object(line)
+                entry = _json_object(line, self.log.notes, str(path))
                 if entry is not None:
                     self.col.add(entry)
             return
@@ -185,17 +185,17 @@ class Follower:
 
     def _poll_run_dir(self) -> None:
         for line in self._tail(self.path / run_files.METRICS).read_lines():
-            entry = _json_object(line)
+            entry = _json_object(line, self.log.notes, run_files.METRICS)
             if entry is not None:
                 self.col.add(entry)
         for line in self._tail(self.path / run_files.EVENTS).read_lines():
-            event = _json_object(line)
+            event = _json_object(line, self.log.notes, run_files.EVENTS)
             if event is not None:
                 self.log.events.append(decode_nonfinite(event))
         eval_path = self.path / run_files.EVAL
         if self._changed(eval_path):
             try:
-                data = json.loads(eval_path.read_text(encoding="utf-8"))
+                data = json_loads(eval_path.read_text(encoding="utf-8"), str(eval_path))
             except (OSError, ValueError):
                 return  # being written: read it next time
             self.log.eval = decode_nonfinite(data) if isinstance(data, dict) else None
@@ -258,9 +258,14 @@ class Follower:
             tail.close()
 
 
-def _json_object(line: bytes) -> dict[str, Any] | None:
+def _json_object(line: bytes, notes: list[str] | None = None,
+                 where: str = "a followed line") -> dict[str, Any] | None:
     try:
-        obj = json.loads(line)
+        obj = json_loads(line, where)
+    except NestingError as exc:
+        if notes is not None and len(notes) < 20:
+            notes.append(f"skipped: {exc}")
+        return None
     except ValueError:
         return None  # a torn line: the writer is still writing it, or it died
     return obj if isinstance(obj, dict) else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 
+from finitetune.parsing.nesting import check_json
 from finitetune.report.records import Collector, ParsedLog
 
 __all__ = ["looks_like_json_members", "salvage_json"]
@@ -31,6 +32,7 @@ def salvage_json(text: str, source: str, why: str) -> ParsedLog | None:
 
     ``why`` is the parser's complaint about the whole document, quoted in the note.
     """
+    check_json(text, source)  # each object is decoded recursively: bound the nesting first
     col = Collector()
     kept = 0
     last_end = 0

@@ -17,8 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from finitetune.report import rules
-from finitetune.report.fmt import num
+from finitetune.report import evidence, rules
 from finitetune.report.load import load
 from finitetune.report.records import ParsedLog, is_accuracy
 from finitetune.report.stats import MetricStats, Trend, lr_summary, metric_stats, trend_of
@@ -49,7 +48,8 @@ class Finding:
 
 @dataclass
 class HealthReport:
-    """Verdict (``healthy``/``warning``/``unhealthy``) with the evidence for it.
+    """Verdict (``healthy``/``inconclusive``/``warning``/``unhealthy``) with the evidence for it
+    (:mod:`finitetune.report.evidence` says what each needs).
 
     Rendered by :func:`finitetune.report.to_markdown`, ``to_json``, ``to_html``.
     """
@@ -69,6 +69,8 @@ class HealthReport:
     notes: list[str]
     conclusion: str
     learns: bool | None
+    improvement: str | None = None
+    """The evaluation that improved (in words), when one did."""
     before: HealthReport | None = None
     series: dict[str, list[Any]] = field(default_factory=dict, repr=False)
     """Per-entry columns (step, loss, grad_norm, learning_rate, skipped) for the plots."""
@@ -83,8 +85,9 @@ class HealthReport:
         return [f.title for f in self.findings if f.severity != "info"]
 
     def exit_code(self, strict: bool = False) -> int:
-        """1 when unhealthy (or, with ``strict``, when there is any warning), else 0."""
-        if self.verdict == "unhealthy" or (strict and self.verdict == "warning"):
+        """1 when unhealthy; with ``strict`` also for a warning or an inconclusive log (a gate
+        that wants proof of health); else 0."""
+        if self.verdict == "unhealthy" or (strict and self.verdict != "healthy"):
             return 1
         return 0
 
@@ -129,9 +132,10 @@ def analyse(log: ParsedLog, vocab_size: int | None = None,
                         skipped=cols["skipped"] if "skipped" in keys else None)
     findings = [Finding(**f) for f in rules.diagnose(ctx)]
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))
-    verdict = ("unhealthy" if any(f.severity == "critical" for f in findings)
-               else "warning" if any(f.severity == "warning" for f in findings) else "healthy")
-    learns = _learns(verdict, trend)
+    severities = {f.severity for f in findings}
+    improvement = evidence.eval_improvement(log)
+    learns = evidence.learns(evidence.verdict(severities, True), trend, improvement)
+    verdict = evidence.verdict(severities, learns)
     notes = list(log.notes)
     if vocab is None and metrics.get("loss"):
         notes.append(f"vocabulary size unknown: assumed {DEFAULT_VOCAB} for the loss bound "
@@ -142,8 +146,11 @@ def analyse(log: ParsedLog, vocab_size: int | None = None,
         trend=trend, learning_rate=lr_summary(steps, cols["learning_rate"]),
         guard=guard_summary(log, cols["skipped"], keys), eval=log.eval, labels=log.labels,
         summary=log.summary, vocab=vocab_info, notes=notes,
-        conclusion=_conclusion(verdict, findings, trend, learns, len(log.records)),
-        learns=learns, series={"step": steps, **cols},
+        conclusion=evidence.conclusion(
+            verdict, [f.title for f in findings if f.severity == ("critical" if verdict ==
+                                                                  "unhealthy" else "warning")],
+            trend, learns, improvement, len(log.records), "loss" in metrics),
+        learns=learns, improvement=improvement, series={"step": steps, **cols},
         eval_series={"step": [r["step"] for r in log.evals],
                      **{k: [r.get(k) for r in log.evals] for k in eval_keys}},
         events=[e for e in log.events if isinstance(e.get("step"), (int, float))],
@@ -162,38 +169,6 @@ def _metrics(log: ParsedLog, steps: list[float], cols: dict[str, list[float | No
     for key in eval_keys:
         metrics[key] = metric_stats(key, eval_steps, [r.get(key) for r in log.evals])
     return metrics
-
-
-def _learns(verdict: str, trend: Trend) -> bool | None:
-    if verdict == "unhealthy":
-        return False
-    if trend.direction == "decreasing":
-        return True
-    if trend.direction in ("flat", "increasing") and trend.evidence == "strong":
-        return False
-    return None
-
-
-def _conclusion(verdict: str, findings: list[Finding], trend: Trend, learns: bool | None,
-                entries: int) -> str:
-    worst = [f.title for f in findings if f.severity == ("critical" if verdict == "unhealthy"
-                                                         else "warning")]
-    if verdict == "unhealthy":
-        text = f"Unhealthy: {worst[0]}. The model does not learn from these steps."
-    elif learns:
-        weak = f" (weak evidence: only {trend.n} points)" if trend.evidence == "weak" else ""
-        text = (f"The model learns: the loss falls from {num(trend.first)} to "
-                f"{num(trend.last)} over {trend.n} entries{weak}.")
-    elif entries == 0:
-        text = "No training step was logged, so nothing shows that the model learns."
-    elif trend.direction == "unknown":
-        text = "Too few finite losses to tell whether the model learns."
-    else:
-        word = {"flat": "flat", "increasing": "rising"}.get(trend.direction, trend.direction)
-        text = f"No sign of learning: the loss is {word} ({trend.evidence} evidence)."
-    if verdict == "warning":
-        text += " Warnings: " + "; ".join(worst) + "."
-    return text
 
 
 def _is_finite(x: Any) -> bool:

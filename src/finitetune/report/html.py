@@ -11,6 +11,7 @@ import base64
 import html
 from typing import TYPE_CHECKING, Any
 
+from finitetune.parsing.terminal import printable
 from finitetune.report.fmt import step
 from finitetune.report.render import sections
 
@@ -52,7 +53,7 @@ def to_html(r: HealthReport) -> str:
                              f"<figcaption>{esc(alt)}</figcaption></figure>")
             parts.append(_events_table(r))
     parts.append("</body></html>")
-    return "\n".join(p for p in parts if p) + "\n"
+    return printable("\n".join(p for p in parts if p) + "\n")  # no escape reaches a terminal
 
 
 def _block(kind: str, body: Any, verdict: str) -> str:

@@ -12,6 +12,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from finitetune.parsing.terminal import printable
 from finitetune.report.fmt import count, num, step
 
 if TYPE_CHECKING:
@@ -23,8 +24,8 @@ BARS = "▁▂▃▄▅▆▇█"
 BAD = "×"
 """Drawn for a NaN/inf entry: a broken step must show up as a gap, not vanish."""
 SPARK_WIDTH = 60
-_STYLE = {"healthy": "bold green", "warning": "bold yellow", "unhealthy": "bold red",
-          "waiting": "dim"}
+_STYLE = {"healthy": "bold green", "inconclusive": "bold cyan", "warning": "bold yellow",
+          "unhealthy": "bold red", "waiting": "dim"}
 
 
 def sparkline(values: list[float | None], width: int = SPARK_WIDTH) -> str:
@@ -46,7 +47,7 @@ def change_line(report: HealthReport, previous: str | None) -> str:
             f"{previous + ' -> ' if previous else ''}{report.verdict}")
     if report.reasons:
         text += ": " + "; ".join(report.reasons)
-    return text
+    return printable(text)
 
 
 def panel(report: HealthReport | None, source: str, events: list[dict[str, Any]],
@@ -58,8 +59,8 @@ def panel(report: HealthReport | None, source: str, events: list[dict[str, Any]]
     from rich.text import Text
 
     if report is None:
-        return Panel(Text(f"waiting for {waiting_for or source} …", style="dim"),
-                     title=f"finitetune watch: {source}")
+        return Panel(Text(printable(f"waiting for {waiting_for or source} …"), style="dim"),
+                     title=Text(printable(f"finitetune watch: {source}")))
     head = Text()
     head.append(report.verdict.upper(), style=_STYLE.get(report.verdict, ""))
     steps = report.series.get("step") or []
@@ -80,14 +81,14 @@ def panel(report: HealthReport | None, source: str, events: list[dict[str, Any]]
     parts: list[Any] = [head, table]
     reasons = [f for f in report.findings if f.severity != "info"]
     if reasons:
-        parts.append(Text("\n".join(f"[{f.severity}] {f.title}" for f in reasons[:6]),
+        parts.append(Text(printable("\n".join(f"[{f.severity}] {f.title}" for f in reasons[:6])),
                           style="yellow" if report.verdict == "warning" else "red"))
     if events:
-        parts.append(Text("events: " + "; ".join(
+        parts.append(Text(printable("events: " + "; ".join(
             f"step {step(e.get('step'))} {e.get('action') or e.get('kind') or 'event'}"
-            + (f" ({e['reason']})" if e.get("reason") else "") for e in events[-5:]),
+            + (f" ({e['reason']})" if e.get("reason") else "") for e in events[-5:])),
             style="cyan"))
-    return Panel(Group(*parts), title=f"finitetune watch: {source}")
+    return Panel(Group(*parts), title=Text(printable(f"finitetune watch: {source}")))
 
 
 def _red(n: int) -> str:

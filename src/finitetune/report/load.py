@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from finitetune.errors import ReportInputError
+from finitetune.errors import NestingError, ReportInputError
+from finitetune.parsing.nesting import json_loads
 from finitetune.report import trackers
 from finitetune.report.console import EXPECTED, parse_console
 from finitetune.report.fragments import looks_like_json_members, salvage_json
@@ -172,7 +173,9 @@ def _sniff(head: str, source: str) -> str:
     if not first.startswith("{"):
         return "text"
     try:
-        obj = json.loads(first)
+        obj = json_loads(first, f"{source}, line 1")
+    except NestingError:
+        raise
     except ValueError:  # a pretty-printed document starts with '{' or '{"key": ...'
         return "json" if first == "{" or first.startswith('{"') else "text"
     return "json" if isinstance(obj, dict) and "log_history" in obj else "jsonl"
@@ -182,7 +185,8 @@ def _whole_json(text: str, source: str, strict: bool) -> ParsedLog:
     """trainer_state.json (``log_history``), a JSON list of log dicts, or what can be salvaged
     from a document that does not parse (cut off, pasted in part)."""
     try:
-        data = json.loads(text)  # Python's reader accepts the bare NaN/Infinity HF writes
+        # Python's reader accepts the bare NaN/Infinity HF writes
+        data = json_loads(text, source)
     except json.JSONDecodeError as exc:
         why = f"{exc.msg} at line {exc.lineno}"
         salvaged = salvage_json(text, source, why)
@@ -224,7 +228,9 @@ def parse_jsonl(lines: Iterable[str], source: str) -> ParsedLog:
         if bad:
             _raise_jsonl(source, *bad[0])
         try:
-            entry = json.loads(text)
+            entry = json_loads(text, f"{source}, line {lineno}")
+        except NestingError:
+            raise
         except ValueError:
             entry = None
         if isinstance(entry, dict):

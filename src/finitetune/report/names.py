@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ALIASES", "PHRASES", "SUMMARY_KEYS", "norm_key", "phrase_pattern"]
+__all__ = ["ALIASES", "PHRASES", "SUMMARY_KEYS", "is_alias", "norm_key", "phrase_pattern"]
 
 ALIASES: dict[str, str] = {
     # the training loss
     "loss": "loss", "train_loss": "loss", "lm_loss": "loss", "total_loss": "loss",
-    "training_loss": "loss",
+    "training_loss": "loss", "loss_avg": "loss", "avg_loss": "loss", "mean_loss": "loss",
+    "loss_mean": "loss", "average_loss": "loss", "running_loss": "loss",
+    "train_loss_avg": "loss", "avg_train_loss": "loss", "smoothed_loss": "loss",
     # the pre-clip gradient norm
     "grad_norm": "grad_norm", "gnorm": "grad_norm", "gradnorm": "grad_norm",
     "total_norm": "grad_norm", "grad_l2_norm": "grad_norm", "gradient_norm": "grad_norm",
@@ -35,6 +37,12 @@ ALIASES: dict[str, str] = {
     "number_of_nan_iterations": "nan_iterations",
 }
 """Normalised key (lower case, spaces and dashes as ``_``, logger prefix removed) -> name."""
+
+AVERAGES = frozenset(("train_loss", "loss_avg", "avg_loss", "mean_loss", "loss_mean",
+                      "average_loss", "running_loss", "train_loss_avg", "avg_train_loss",
+                      "smoothed_loss"))
+"""Spellings of the loss that are averages over many steps: in an entry that also has the
+step's own ``loss``, that one is kept (:func:`is_alias`); alone, they are the loss."""
 
 PREFIXES = (("train/", ""), ("training/", ""), ("eval/", "eval_"), ("val/", "eval_"),
             ("valid/", "eval_"), ("validation/", "eval_"))
@@ -57,18 +65,27 @@ PHRASES = ("lm loss", "train loss", "val loss", "valid loss", "eval loss", "grad
 _CACHE: dict[str, str] = {}
 
 
+def _spelling(key: str) -> str:
+    norm = key.strip().lower().replace(" ", "_").replace("-", "_")
+    for prefix, repl in PREFIXES:
+        if norm.startswith(prefix):
+            return repl + norm[len(prefix):]
+    return norm
+
+
 def norm_key(key: str) -> str:
     """The one name of ``key`` (unknown keys keep their normalised spelling)."""
     norm = _CACHE.get(key)
     if norm is None:
-        norm = key.strip().lower().replace(" ", "_").replace("-", "_")
-        for prefix, repl in PREFIXES:
-            if norm.startswith(prefix):
-                norm = repl + norm[len(prefix):]
-                break
-        norm = ALIASES.get(norm, norm)
-        _CACHE[key] = norm
+        spelling = _spelling(key)
+        norm = _CACHE[key] = ALIASES.get(spelling, spelling)
     return norm
+
+
+def is_alias(key: str) -> bool:
+    """Whether ``key`` is an average standing in for the loss (:data:`AVERAGES`): in an entry
+    that also holds ``loss``, the step's own value is kept, whatever the key order."""
+    return _spelling(key) in AVERAGES
 
 
 def phrase_pattern() -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finitetune.errors import ReportInputError
-from finitetune.report.names import IGNORED, PREFIXES, SUMMARY_KEYS, norm_key
+from finitetune.report.names import IGNORED, PREFIXES, SUMMARY_KEYS, is_alias, norm_key
 from finitetune.rundir.jsonio import decode_nonfinite
 
 __all__ = ["Collector", "ParsedLog", "feed_by_step", "from_records", "is_accuracy", "to_number"]
@@ -101,7 +101,7 @@ class Collector:
             x = to_number(value)
             if x is not None:
                 norm = norm_key(key)
-                if norm not in IGNORED:
+                if norm not in IGNORED and not (norm in rec and is_alias(key)):
                     rec[norm] = x
         return self.classify(rec, entry)
 
@@ -120,6 +120,8 @@ class Collector:
             norm = self._bkeys.get(key)
             if norm is None:
                 norm = self._bkeys[key] = norm_key(key.decode("utf-8", "replace"))
+            if norm in rec and is_alias(key.decode("utf-8", "replace")):
+                continue  # the name's own value beats an alias's (loss over loss_avg)
             rec[norm] = x
         if "train_runtime" in rec:
             return self.classify(rec, {k.decode("utf-8", "replace"): (a or b or c).decode(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from finitetune.parsing.terminal import printable
 from finitetune.report.fmt import count, num, step, value
 from finitetune.report.history import history_items
+from finitetune.report.stats import trend_word
 from finitetune.rundir.jsonio import dumps_strict
 
 if TYPE_CHECKING:
@@ -29,7 +31,8 @@ _DIRECTION_RULE = {
                   "the median loss",
     "increasing": "rising: the interval lies above 0 and the fitted rise is at least 1 % of the "
                   "median loss",
-    "flat": "flat: the interval includes 0, or the fitted change is under 1 % of the median loss",
+    "flat": "flat: the interval lies on one side of 0 but the fitted change is under 1 % of "
+            "the median loss",
 }
 
 
@@ -79,17 +82,26 @@ def trend_text(r: HealthReport) -> str:
     t = r.trend
     if t.direction == "unknown":
         return f"Trend: unknown (only {t.n} finite loss value(s) with a finite grad norm)."
-    word = {"increasing": "rising"}.get(t.direction, t.direction)
-    text = (f"Trend: {word}. Theil–Sen slope {t.slope:.4g} per step over {t.n} points; "
-            f"loss {num(t.first)} → {num(t.last)}")
-    if t.evidence == "weak":
-        return text + " (weak evidence: fewer than 5 points, only the sign of the slope counts)."
-    text += (f"; 95 % interval of the slope [{t.ci_low:.3g}, {t.ci_high:.3g}] "
-             f"({_DIRECTION_RULE[t.direction]}).")
+    if t.direction == "none":
+        text = (f"Trend: no significant trend over {t.n} points (Theil–Sen slope {t.slope:.4g} "
+                f"per step; its 95 % interval [{t.ci_low:.3g}, {t.ci_high:.3g}] includes 0; "
+                f"loss {num(t.first)} → {num(t.last)}). This is not evidence that the loss is "
+                "flat: the points are too few or too noisy to show a direction.")
+    else:
+        text = (f"Trend: {trend_word(t)}. Theil–Sen slope {t.slope:.4g} per step over {t.n} "
+                f"points; loss {num(t.first)} → {num(t.last)}")
+        if t.evidence == "weak":
+            return text + (" (weak evidence: fewer than 5 points, only the sign of the slope "
+                           "counts; not enough to show that the model learns).")
+        text += (f"; 95 % interval of the slope [{t.ci_low:.3g}, {t.ci_high:.3g}] "
+                 f"({_DIRECTION_RULE[t.direction]}).")
+    if (t.direction == "decreasing" and (t.last or 0) > (t.first or 0)) or (
+            t.direction == "increasing" and (t.last or 0) < (t.first or 0)):
+        text += (f" The last point ({num(t.last)}) goes against that direction: the fit is "
+                 "robust to single points, and the findings say what happened at the end.")
     tail = t.tail
-    if tail is not None and tail.direction not in ("unknown", t.direction):
-        tail_word = {"increasing": "rising"}.get(tail.direction, tail.direction)
-        text += (f" Over the last {tail.n} points it is {tail_word}: {num(tail.first)} → "
+    if tail is not None and tail.direction not in ("unknown", "none", t.direction):
+        text += (f" Over the last {tail.n} points it is {trend_word(tail)}: {num(tail.first)} → "
                  f"{num(tail.last)}.")
     return text
 
@@ -112,7 +124,7 @@ def _compare_rows(before: HealthReport, after: HealthReport) -> list[list[str]]:
                            ("range", value_range), ("mean", lambda s: num(s.mean))):
             rows.append([f"{label} {field}", get(b) if b else "not logged",
                          get(a) if a else "not logged"])
-    rows.append(["Loss trend", before.trend.direction, after.trend.direction])
+    rows.append(["Loss trend", trend_word(before.trend), trend_word(after.trend)])
     rows.append(["Diagnosis", "; ".join(before.reasons) or "none",
                  "; ".join(after.reasons) or "none"])
     return rows
@@ -236,7 +248,7 @@ def to_markdown(r: HealthReport) -> str:
                 lines.append("|" + "---|" * len(header))
                 lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
                 lines.append("")
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # names and messages from the log: no escapes
 
 
 def _md(text: str) -> str:

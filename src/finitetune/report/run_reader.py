@@ -7,11 +7,12 @@ in the report, not an error.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from finitetune.errors import NestingError
+from finitetune.parsing.nesting import check_yaml, json_loads
 from finitetune.report.records import Collector, ParsedLog
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import decode_nonfinite
@@ -49,7 +50,10 @@ def _read_json(path: Path, log: ParsedLog) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        data = json_loads(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    except NestingError as exc:
+        log.notes.append(f"{path.name}: ignored: {exc}")
+        return None
     except ValueError:
         log.notes.append(f"{path.name}: not valid JSON, ignored")
         return None
@@ -66,7 +70,9 @@ def _read_config(path: Path, log: ParsedLog) -> None:
         try:
             import yaml  # lazy: only run directories need it
 
-            cfg = yaml.safe_load((path / run_files.CONFIG).read_text(encoding="utf-8"))
+            text = (path / run_files.CONFIG).read_text(encoding="utf-8")
+            check_yaml(text, str(path / run_files.CONFIG))
+            cfg = yaml.safe_load(text)
         except Exception as exc:  # a broken config must not stop the report of a dead run
             log.notes.append(f"config.yaml unreadable ({type(exc).__name__}), ignored")
     if isinstance(cfg, dict):

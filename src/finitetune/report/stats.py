@@ -12,7 +12,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MetricStats", "Trend", "lr_summary", "metric_stats", "theil_sen", "trend_of"]
+__all__ = ["MetricStats", "Trend", "lr_summary", "metric_stats", "theil_sen", "trend_of",
+           "trend_word"]
 
 TREND_MAX_POINTS = 200
 """Theil–Sen is O(n²): longer logs are thinned to this many evenly spaced points."""
@@ -50,7 +51,9 @@ class Trend:
 
     With fewer than 5 points only the slope's sign is used (``evidence="weak"``); from 5 on, the
     direction must be significant (Sen's 95 % interval excludes 0) *and* the fitted change over
-    the span at least 1 % of the median loss. A straight line is only the test: losses decay
+    the span at least 1 % of the median loss. When the interval includes 0 the test found no
+    trend at all: ``direction="none"``, ``evidence="none"`` (which is not evidence that the loss
+    is flat: a noisy log can hide a fall or a rise). A straight line is only the test: losses decay
     roughly exponentially, so the report shows the observed first and last values, not the
     line's ends (which can extrapolate below zero).
     """
@@ -68,12 +71,21 @@ class Trend:
     relative_change: float | None = None
     """Fitted change over the span divided by the median loss."""
     direction: str = "unknown"
-    """``decreasing`` (falling), ``increasing`` (rising), ``flat`` or ``unknown`` (< 2 points)."""
+    """``decreasing`` (falling), ``increasing`` (rising), ``flat`` (a significant change under
+    1 % of the median), ``none`` (no significant trend: the interval includes 0) or ``unknown``
+    (< 2 points)."""
     evidence: str = "none"
-    """``none``, ``weak`` (n < 5: sign of the slope) or ``strong`` (n >= 5: tested)."""
+    """``none`` (too few points, or no significant trend), ``weak`` (n < 5: the sign of the
+    slope only) or ``strong`` (n >= 5 and the interval excludes 0)."""
     tail: Trend | None = None
     """The same fit over the last quarter of the points (logs of 10 or more points): a loss
     that is flat over the run but climbs at its end is diverging."""
+
+
+def trend_word(trend: Trend) -> str:
+    """The direction in words: decreasing, rising, flat, no significant trend or unknown."""
+    return {"increasing": "rising", "none": "no significant trend"}.get(trend.direction,
+                                                                        trend.direction)
 
 
 def metric_stats(name: str, steps: list[float], values: list[float | None]) -> MetricStats:
@@ -138,14 +150,15 @@ def theil_sen(points: list[tuple[float, float]]) -> Trend:
     c = 1.96 * math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
     trend.ci_low = slopes[max(0, math.floor((big_n - c) / 2))]
     trend.ci_high = slopes[min(big_n - 1, math.ceil((big_n + c) / 2))]
+    if trend.ci_low <= 0 <= trend.ci_high:
+        trend.direction, trend.evidence = "none", "none"  # the test found no trend
+        return trend
     trend.evidence = "strong"
     big_change = rel is None or abs(rel) >= MIN_TREND_CHANGE
-    if trend.ci_high < 0 and big_change:
-        trend.direction = "decreasing"
-    elif trend.ci_low > 0 and big_change:
-        trend.direction = "increasing"
-    else:
+    if not big_change:
         trend.direction = "flat"
+    else:
+        trend.direction = "decreasing" if trend.ci_high < 0 else "increasing"
     return trend
 
 

@@ -10,12 +10,12 @@ are plain files (MLflow's file store is text, trackio's store is SQLite, a W&B e
 from __future__ import annotations
 
 import csv
-import json
 import re
 import sqlite3
 from pathlib import Path
 
 from finitetune.errors import ReportInputError
+from finitetune.parsing.nesting import json_loads
 from finitetune.report.records import Collector, ParsedLog, feed_by_step, to_number
 
 __all__ = ["is_trackio_db", "mlflow_runs", "read_mlflow", "read_trackio", "read_wandb_csv"]
@@ -102,7 +102,7 @@ def read_trackio(path: Path, run: str | None = None) -> ParsedLog:
     col = Collector()
     for step, text in rows:
         try:
-            entry = json.loads(text)
+            entry = json_loads(text, f"{path}, step {step}")
         except ValueError:
             continue
         if isinstance(entry, dict):

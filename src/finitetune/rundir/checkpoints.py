@@ -28,7 +28,6 @@ Pure torch + safetensors (no transformers): the report-side readers only need th
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zipfile
@@ -37,6 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import write_json_atomic
 
@@ -124,7 +124,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, scan: bool = True) -> Checkpo
 def read_marker(path: Path) -> dict[str, Any] | None:
     """finitetune's marker in a checkpoint folder, None if absent or unreadable."""
     try:
-        data = json.loads((path / run_files.CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+        marker = path / run_files.CHECKPOINT_MARKER
+        data = json_loads(marker.read_text(encoding="utf-8"), str(marker))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("finite") is True else None
@@ -146,7 +147,7 @@ def _incomplete(path: Path, step: int) -> str:
         return "empty folder (the process died as the save began)"
     state = path / run_files.TRAINER_STATE
     try:
-        saved = json.loads(state.read_text(encoding="utf-8")).get("global_step")
+        saved = json_loads(state.read_text(encoding="utf-8"), str(state)).get("global_step")
     except FileNotFoundError:
         return f"no {run_files.TRAINER_STATE} (the Trainer writes it last: the save was cut off)"
     except (OSError, ValueError, AttributeError):
@@ -158,7 +159,8 @@ def _incomplete(path: Path, step: int) -> str:
     weights = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
     for index in (path / n for n in INDEX_FILES if (path / n).is_file()):
         try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            shards = set(json_loads(index.read_text(encoding="utf-8"), str(index))
+                         ["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return f"{index.name} is not a valid weight index"
         weights += [path / s for s in sorted(shards)]
@@ -199,7 +201,7 @@ def _safetensors_ok(f: Path) -> str:
     try:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+            header = json_loads(fh.read(n), str(f))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
                   default=0)
     except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):

@@ -21,7 +21,6 @@ Pure Python: no torch, no transformers (the report and ``explain`` use it).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from finitetune.errors import ReportInputError
+from finitetune.errors import NestingError, ReportInputError
+from finitetune.parsing.nesting import MAX_NESTING, json_loads
 from finitetune.rundir.jsonio import decode_nonfinite, file_kind, write_text_atomic
 
 try:
@@ -127,7 +127,8 @@ class RunState(str, Enum):
 def status_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """``run_dir``'s :data:`STATUS` as a dict (None: no file, or not a JSON object)."""
     try:
-        data = json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))
+        path = Path(run_dir) / STATUS
+        data = json_loads(path.read_text(encoding="utf-8"), str(path))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -156,7 +157,7 @@ def _probe_lock(path: str | os.PathLike) -> tuple[bool, dict[str, Any]] | None:
             except BlockingIOError:
                 held = True
             try:
-                record = json.loads(fh.read() or "{}")
+                record = json_loads(fh.read() or "{}", str(lock))
             except ValueError:  # being written by the process that just took it
                 record = {}
     except OSError:
@@ -240,8 +241,11 @@ def read_jsonl(path: str | os.PathLike, tolerance: Tolerance | str = Tolerance.S
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        deep = None
         try:
-            record = json.loads(line)
+            record = json_loads(line, f"{path}:{lineno}")
+        except NestingError as exc:
+            record, deep = None, exc
         except ValueError:
             record = None
         if isinstance(record, dict):
@@ -249,13 +253,17 @@ def read_jsonl(path: str | os.PathLike, tolerance: Tolerance | str = Tolerance.S
             out.line_numbers.append(lineno)
             kept.append(line)
             continue
-        torn = lineno == last
+        torn = lineno == last and deep is None
         if tolerance == Tolerance.STRICT:
+            if deep is not None:
+                raise deep
             what = "the last line, cut off mid-write" if torn else "not a JSON object"
             raise ReportInputError(f"{path}:{lineno}: not valid JSON ({what}): "
                                    f"{line.strip()[:120]!r}; was the file cut or edited? "
                                    "`finitetune train --resume` repairs a torn last line")
-        what = "truncated last line (the writer stopped?)" if torn else "not a JSON object"
+        what = ("truncated last line (the writer stopped?)" if torn else
+                f"nested deeper than {MAX_NESTING} levels" if deep is not None
+                else "not a JSON object")
         action = "removed" if tolerance == Tolerance.REPAIR else "skipped"
         out.notes.append(f"{path.name}, line {lineno}: {what}, {action}")
     if tolerance == Tolerance.REPAIR and out.notes:

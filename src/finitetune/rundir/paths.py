@@ -36,6 +36,7 @@ except ImportError:  # Windows: no advisory locks; a live run is then not detect
     fcntl = None  # type: ignore[assignment]
 
 from finitetune.errors import OutputError
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import file_kind, write_text_atomic
 
@@ -94,7 +95,7 @@ def is_owned(path: str | os.PathLike, created_by: str | None = None) -> bool:
     if created_by is None:
         return True
     try:
-        owner = json.loads(marker.read_text(encoding="utf-8")).get("created_by")
+        owner = json_loads(marker.read_text(encoding="utf-8"), str(marker)).get("created_by")
     except (OSError, ValueError, AttributeError):
         return False
     return owner == created_by
@@ -118,6 +119,10 @@ class RunLock:
         if fcntl is None:
             return self
         lock = self.path / run_files.RUN_LOCK
+        kind = file_kind(lock)
+        if kind not in (None, "regular file"):  # opening it would write through a link
+            raise _refuse_kind(lock, kind, "the run lock", "regular file",
+                               "remove it; finitetune makes its own")
         fh = open(lock, "a+", encoding="utf-8")  # held until __exit__
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -218,3 +223,50 @@ def prepare_output_dir(path: str | os.PathLike, what: str, created_by: str, *,
     except OSError as exc:
         raise OutputError(f"{what} {path}: cannot create it ({exc.strerror or exc})") from exc
     return path
+
+
+WRITTEN_FILES = (run_files.OWNER_MARKER, run_files.RUN_LOCK, run_files.STATUS,
+                 run_files.CONFIG, run_files.LABEL_REPORT, run_files.PRECISION, run_files.EVAL,
+                 run_files.METRICS, run_files.EVENTS, run_files.BAD_SAMPLES,
+                 run_files.REPORT_MD, run_files.REPORT_JSON, run_files.REPORT_HTML)
+"""Files of a run directory that a resumed run replaces or appends to."""
+WRITTEN_DIRS = (run_files.TOKENIZER_DIR, run_files.FINAL_DIR, run_files.FAULTS_DIR)
+"""Folders whose files a resumed run writes."""
+
+
+def check_run_files(path: str | os.PathLike, what: str = "--resume") -> None:
+    """Raise :class:`OutputError` when a file that continuing the run in ``path`` would
+    replace, append to or write inside is not a regular file (a symbolic link, a FIFO, a
+    device), or a folder it writes in (``tokenizer/``, ``final/``, ``faults/``, the checkpoint
+    folders) is not a real directory or holds such a file. Reads only: called before anything
+    is written, so a refused resume leaves the directory exactly as it was (the atomic writer
+    would refuse the same file only once the run had already rewritten others)."""
+    path = Path(path)
+    names = [*WRITTEN_FILES, *(p.name for p in path.glob("config.resume-*.yaml"))]
+    for name in names:
+        kind = file_kind(path / name)
+        if kind not in (None, "regular file"):
+            raise _not_ours(path / name, kind, what, "file")
+    folders = [*(path / d for d in WRITTEN_DIRS),
+               *(p for p in path.iterdir() if p.name.startswith(
+                   (run_files.CHECKPOINT_PREFIX, run_files.PARTIAL_PREFIX,
+                    run_files.NONFINITE_PREFIX)))]
+    for folder in folders:
+        kind = file_kind(folder)
+        if kind is None:
+            continue
+        if kind != "directory":
+            raise _not_ours(folder, kind, what, "folder")
+        if folder.name in WRITTEN_DIRS:
+            for inner in folder.rglob("*"):
+                kind = file_kind(inner)
+                if kind not in ("regular file", "directory"):
+                    raise _not_ours(inner, kind or "special file", what, "file")
+
+
+def _not_ours(path: Path, kind: str, what: str, thing: str) -> OutputError:
+    target = f" (to {os.readlink(path)})" if kind == "symbolic link" else ""
+    return OutputError(
+        f"{what}: {path} is a {kind}{target}; continuing the run would replace or write into "
+        f"this {thing}, and finitetune does not write through links or into special files. "
+        f"Nothing was changed. Put the real {thing} there (or remove it), then resume again")

@@ -73,12 +73,14 @@ class ResumePlan:
 
 
 def prepare_resume(run_dir: str | os.PathLike, *, trim: bool = True, write: bool = True,
-                   require: bool = False) -> ResumePlan:
+                   require: bool = False,
+                   changes: dict[str, tuple[Any, Any]] | None = None) -> ResumePlan:
     """Choose the checkpoint, set unusable ones aside, repair and trim the logs, record it.
 
     ``write=False``: only choose. ``trim=False``: leave the JSON-lines files as they are (a
     directory without finitetune's metrics writer). ``require``: without a healthy checkpoint
     change nothing (the caller reports the error) instead of preparing a restart from step 0.
+    ``changes``: the settings this resume changed (``{name: (old, new)}``), for its event.
     """
     run_dir = Path(run_dir)
     chosen, rejected = select_checkpoint(run_dir)
@@ -92,12 +94,18 @@ def prepare_resume(run_dir: str | os.PathLike, *, trim: bool = True, write: bool
             plan.repaired += run_files.trim_jsonl(run_dir / name, plan.step).notes
     for note in plan.repaired:
         log.warning("finitetune: resume: %s", note)
+    message = plan.message()
+    if changes:
+        message += "; settings changed: " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
     record_event(run_dir, {
         "step": plan.step, "kind": "resume", "action": "resume",
         "checkpoint": chosen.name if chosen is not None else None,
         "skipped": [{"checkpoint": h.name, "health": h.health.value, "reason": h.reason,
                      "moved_to": m} for h, m in zip(rejected, plan.moved, strict=False)],
-        "repaired": plan.repaired, "abandoned": plan.abandoned, "message": plan.message(),
+        "repaired": plan.repaired, "abandoned": plan.abandoned, "message": message,
+        **({"settings_changed": {k: [old, new] for k, (old, new) in changes.items()}}
+           if changes else {}),
     })
     return plan
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from finitetune.errors import ConfigError
+from finitetune.parsing.nesting import check_yaml
 
 __all__ = ["read_settings"]
 
@@ -39,6 +40,7 @@ def read_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
                           "special file); give a YAML file")
     try:
         text = path.read_text(encoding="utf-8")
+        check_yaml(text, str(path), _YamlLoader)  # the composer recurses: bound it first
         node = yaml.compose(text, Loader=_YamlLoader)
         values = yaml.load(text, Loader=_YamlLoader) or {}
     except UnicodeDecodeError as exc:

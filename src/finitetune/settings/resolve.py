@@ -13,7 +13,7 @@ from finitetune.settings.config import TrainConfig
 from finitetune.settings.files import read_settings
 from finitetune.settings.validation import build, check_values
 
-__all__ = ["PRESETS", "flatten", "resolve_config"]
+__all__ = ["PRESETS", "flatten", "resolve_config", "resolve_run_config"]
 
 # Settings that make each built-in model do its job in its time budget.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -38,13 +38,54 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any],
         SettingError: a value of the wrong type or out of range, or an unknown setting.
         ConfigError: the config file cannot be read.
     """
+    return _resolve(config_file, overrides, sources)[0]
+
+
+def resolve_run_config(config_file: str | None, overrides: dict[str, Any],
+                       sources: dict[str, str] | None = None) -> TrainConfig:
+    """:func:`resolve_config`, and with ``resume``, the run's recorded settings beneath the
+    file and the flags (defaults < preset < the run's settings < YAML < flags): a resume
+    continues with what the run was trained with, changed only where asked. A change a resume
+    cannot honour is refused here, naming the setting (:mod:`finitetune.settings.recorded`),
+    before anything is written. ``finitetune train`` and ``train()`` resolve through this."""
+    from finitetune.rundir.files import checkpoints
+    from finitetune.rundir.paths import is_owned
+    from finitetune.settings.recorded import (
+        NOT_SETTINGS,
+        changed_settings,
+        check_resume_changes,
+        read_recorded,
+    )
+
+    cfg, where = _resolve(config_file, overrides, sources)
+    if not cfg.resume or not cfg.output_dir or not is_owned(cfg.output_dir):
+        return cfg  # nothing recorded to continue: the main job says why, if it is an error
+    recorded = read_recorded(cfg.output_dir)
+    if recorded is None:
+        return cfg
+    base = {k: v for k, v in recorded.values.items() if k not in NOT_SETTINGS}
+    cfg, where = _resolve(config_file, overrides, sources,
+                          recorded=(base, str(recorded.files[-1])))
+    if checkpoints(str(cfg.output_dir)):  # else a restart from step 0 (or refused for that reason)
+        check_resume_changes(changed_settings(recorded, cfg),
+                             " + ".join(str(f) for f in recorded.files), where)
+    return cfg
+
+
+def _resolve(config_file: str | None, overrides: dict[str, Any],
+             sources: dict[str, str] | None = None,
+             recorded: tuple[dict[str, Any], str] | None = None,
+             ) -> tuple[TrainConfig, dict[str, str]]:
+    """The config, and where each setting's value came from (dotted key -> source)."""
     from_file, file_lines = read_settings(config_file) if config_file else ({}, {})
     nested_flags: dict[str, Any] = {}
     for dotted, value in overrides.items():
         _set(nested_flags, dotted.split("."), value)
-    model = nested_flags.get("model") or from_file.get("model") or "demo"
+    base, base_source = recorded or ({}, "")
+    model = (nested_flags.get("model") or from_file.get("model") or base.get("model")
+             or "demo")
     preset = PRESETS.get(model, {}) if isinstance(model, str) else {}
-    layers = [(preset, {}, f"the {model!r} preset"),
+    layers = [(preset, {}, f"the {model!r} preset"), (base, {}, base_source),
               (from_file, file_lines, str(config_file)),
               (nested_flags, sources or {}, "setting")]
     where: dict[str, str] = {}
@@ -54,9 +95,9 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any],
         except SettingError as exc:
             raise exc.located(lines.get(exc.setting, default)) from None
         where.update({k: lines.get(k, default) for k in flatten(values)})
-    merged = _merge(_merge(preset, from_file), nested_flags)
+    merged = _merge(_merge(_merge(preset, base), from_file), nested_flags)
     try:
-        return build(TrainConfig, merged)
+        return build(TrainConfig, merged), where
     except SettingError as exc:  # a rule between two settings: name where the first came from
         raise exc.located(where.get(exc.setting, "default")) from None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finitetune.settings.resolve import flatten, resolve_config
+from finitetune.settings.resolve import flatten, resolve_run_config
 from finitetune.train.recipe import RunResult, run_training
 
 __all__ = ["train"]
@@ -22,5 +22,5 @@ def train(**settings: Any) -> RunResult:
     """
     config_file = settings.pop("config", None)
     flat = flatten(settings)
-    return run_training(resolve_config(config_file, flat,
+    return run_training(resolve_run_config(config_file, flat,
                                        {k: f"train({k}=...)" for k in flat}))

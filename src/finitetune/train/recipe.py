@@ -30,11 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finitetune.data.fingerprint import RowFingerprints
 from finitetune.errors import ConfigError, NonFiniteHalt, SettingError
 from finitetune.numerics.constants import IGNORE_INDEX
+from finitetune.parsing.terminal import printable
 from finitetune.rundir import files as run_files
 from finitetune.rundir.jsonio import write_json_atomic
 from finitetune.settings.config import TrainConfig
+from finitetune.train.resume_check import decide_resume, resumed_settings_callback
 from finitetune.train.writer import (
     check_output_dir,
     default_output_dir,
@@ -182,6 +185,8 @@ def _init_distributed() -> bool:
 
 
 def _run_training(cfg: TrainConfig) -> RunResult:
+    # long: the checks before the run directory is touched read top to bottom, in the order
+    # of what each needs (settings, paths, data, tokenizer, resume, model), then the writes
     from finitetune import distributed
     from finitetune.data.pipeline import describe, load_data_records, prepare_rows, tokenize_with
     from finitetune.integrations.hf.hidden_loss import choose_loss
@@ -208,8 +213,12 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code,
                                remote_code_flag=_REMOTE_CODE_FLAG)
     rows, label_report, label_summary = prepare_rows(train_recs, tokenizer, cfg.data)
+    fingerprints = RowFingerprints.of(records, train_recs)  # remembered samples, by content
+    # --resume: the checkpoint, the settings it changes, the files it writes, judged while the
+    # run directory is untouched (a refusal changes nothing)
+    resume = decide_resume(cfg, planned_steps(cfg, len(rows)))
     if distributed.is_main_process():
-        print(f"finitetune: {describe(label_summary, label_report)}", flush=True)
+        print(printable(f"finitetune: {describe(label_summary, label_report)}"), flush=True)
     eval_rows = [r for r in tokenize_with(eval_recs, tokenizer, cfg.data)
                  if any(t != IGNORE_INDEX for t in r["labels"])]
     eval_recs = [eval_recs[r["index"]] for r in eval_rows]
@@ -224,10 +233,9 @@ def _run_training(cfg: TrainConfig) -> RunResult:
     # fp32, token-mean over the window, 0 (not NaN) when empty; the LM head only where a label
     # is, where the model is understood (`--loss supervised` on one that is not stops here)
     loss, loss_line = choose_loss(model, cfg.loss, args=args)
-    _check_resumable(cfg)
 
     # 2. the run directory, held by rank 0 (its RunLock) until the reports are written
-    with make_run_dir(cfg, label_report, label_summary, tokenizer) as out:
+    with make_run_dir(cfg, label_report, label_summary, tokenizer, resume) as out:
         main = distributed.is_main_process()
         if main:
             print(f"finitetune: precision: {plan}", flush=True)
@@ -239,7 +247,8 @@ def _run_training(cfg: TrainConfig) -> RunResult:
                            template=cfg.data.template)
         with record_outcome(out, result, write=main):  # status, eval and reports, also on failure
             _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
-                                eval_kwargs, result, args, loss)
+                                eval_kwargs, result, args, loss,
+                                resume.changes if resume is not None else None, fingerprints)
     return result
 
 
@@ -261,33 +270,16 @@ def _checked_training_arguments(cfg: TrainConfig, steps: int, plan: Any) -> Any:
         raise ConfigError(f"transformers refuses these settings: {exc}") from None
 
 
-def _check_resumable(cfg: TrainConfig) -> None:
-    """With ``--resume``, before anything is written: a healthy checkpoint exists, or the run
-    was killed before its first one (its status still says running: it starts again from step
-    0). A run that ended without a usable checkpoint is an error that changes nothing."""
-    if not cfg.resume:
-        return
-    from finitetune.rundir.checkpoints import select_checkpoint
-
-    out = Path(str(cfg.output_dir))
-    chosen, rejected = select_checkpoint(out)  # reads only; resume.prepare_resume acts later
-    if chosen is not None or run_files.read_status(out) == run_files.RunState.RUNNING:
-        return
-    why = "; ".join(h.describe() for h in rejected)
-    raise ConfigError(f"--resume: no checkpoint-* folder in {out}" if not why else
-                      f"--resume: no healthy checkpoint in {out} ({why}); --overwrite starts "
-                      "the run again")
-
-
 def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
-                        result: RunResult, args: Any, loss: Any = None) -> RunResult:
+                        result: RunResult, args: Any, loss: Any = None,
+                        changes: dict | None = None, fingerprints: Any = None) -> RunResult:
     from finitetune import distributed
     from finitetune.integrations.hf.checkpoint_callback import load_checkpoint_weights
     from finitetune.integrations.hf.trainer import build_trainer
     from finitetune.train.evaluation import eval_loss, exact_match
 
     main = distributed.is_main_process()  # rank 0 writes and evaluates; every rank trains
-    resume = _resume_plan(out, main) if cfg.resume else None
+    resume = _resume_plan(out, main, changes) if cfg.resume else None
     resume_from = resume.path if resume is not None else None
     if resume_from is None and cfg.eval_before and main and not (out / run_files.EVAL).exists():
         # the other ranks wait in the Trainer's first collective meanwhile
@@ -298,14 +290,20 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
     trainer, _loss = build_trainer(
         model, args, rows,
         pad_token_id=tokenizer.pad_token_id, guard=cfg.guard, attribution=cfg.attribution,
-        sources={r["index"]: r["source"] for r in rows if r.get("source")}, loss=loss)
+        sources={r["index"]: r["source"] for r in rows if r.get("source")}, loss=loss,
+        fingerprints=fingerprints)
+    checkpoint = resume.checkpoint if resume is not None else None
+    first = checkpoint.step if checkpoint is not None else 0
+    # killed after its last checkpoint: train nothing more (its total is the checkpoint's step)
+    untrained = checkpoint is not None and first >= args.max_steps
+    if resume_from is not None:
+        trainer.add_callback(resumed_settings_callback())  # logging/saving as now configured
     start = time.perf_counter()
     try:
-        if resume is not None and resume.checkpoint is not None and (
-                resume.step >= trainer.state.max_steps > 0 or resume.step >= args.max_steps > 0):
+        if checkpoint is not None and untrained:
             # killed after its last checkpoint: train nothing more (not one step past the end)
-            load_checkpoint_weights(trainer, resume.checkpoint.path)
-            trainer.state.global_step = resume.step
+            load_checkpoint_weights(trainer, checkpoint.path)
+            trainer.state.global_step = first
         else:
             trainer.train(resume_from_checkpoint=resume_from)
     finally:
@@ -315,22 +313,29 @@ def _train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, 
         _save_final_if_finite(trainer, tokenizer, out)
     if not main:
         return result  # evaluation (generation) runs on rank 0 only
-    print(f"finitetune: trained {result.global_step} steps in {result.train_seconds:.1f} s",
-          flush=True)
+    if checkpoint is not None and untrained:
+        print(f"finitetune: nothing left to train: {checkpoint.name} is step {first} of "
+              f"{args.max_steps}; final/, the evaluation and the report come from it", flush=True)
+    else:
+        done = (f"steps {first + 1}-{result.global_step} ({result.global_step - first} steps, "
+                f"resumed from {checkpoint.name})" if checkpoint is not None
+                else f"{result.global_step} steps")
+        print(f"finitetune: trained {done} in {result.train_seconds:.1f} s", flush=True)
     result.eval_after = exact_match(model, tokenizer, eval_recs, **eval_kwargs)
     result.eval_after["eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id)
     _print_eval("after", result.eval_after)
     return result
 
 
-def _resume_plan(out: Path, main: bool) -> Any:
+def _resume_plan(out: Path, main: bool, changes: dict | None = None) -> Any:
     """``--resume``: rank 0 picks the newest healthy checkpoint (sets aside the others, repairs
     and trims the logs); every rank gets its choice (COLLECTIVE when distributed)."""
     from finitetune import distributed
     from finitetune.rundir.checkpoints import inspect_checkpoint
     from finitetune.rundir.resume import ResumePlan, prepare_resume
 
-    plan = prepare_resume(out) if main else ResumePlan(None)  # logs what it chose and why
+    # logs what it chose and why; ``changes``: the settings this resume changed, for its event
+    plan = prepare_resume(out, changes=changes) if main else ResumePlan(None)
     path = distributed.broadcast_object(plan.path)  # the others wait for rank 0's renames
     if not main and path is not None:
         plan.checkpoint = inspect_checkpoint(path, scan=False)
@@ -344,8 +349,10 @@ def _save_final_if_finite(trainer: Any, tokenizer: Any, out: Path) -> None:
     check = check_state(trainer.model, collective=False)  # rank 0 only; replicated weights
     if not check.finite:
         raise NonFiniteHalt(f"training ended with NaN/inf in {', '.join(check.nonfinite[:3])}: "
-                            "final/ was NOT written; resume from the last healthy checkpoint "
-                            "(`finitetune train --resume`) with a lower learning rate",
+                            "final/ was NOT written; the healthy checkpoints remain: start "
+                            "again with a lower learning rate (--overwrite), or continue from "
+                            "the last healthy one with the guard's rollback (--resume "
+                            "--guard-policy rollback)",
                             {"nonfinite_weights": check.nonfinite[:20]})
     save_final(trainer, tokenizer, out)
 

@@ -11,7 +11,6 @@ the end (also when training stopped early).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -21,10 +20,13 @@ from typing import Any
 import yaml
 
 from finitetune.errors import ConfigError, NonFiniteHalt
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir import files as run_files
 from finitetune.rundir import paths as output_paths
 from finitetune.rundir.jsonio import write_json_atomic, write_text_atomic
 from finitetune.settings.config import TrainConfig
+from finitetune.settings.recorded import resume_record
+from finitetune.train.resume_check import ResumeDecision
 
 log = logging.getLogger("finitetune")
 
@@ -82,7 +84,8 @@ def write_status(out: Path, state: run_files.RunState, step: int = 0,
     started = now
     if state != run_files.RunState.RUNNING and (out / run_files.STATUS).is_file():
         with contextlib.suppress(ValueError, AttributeError):  # a broken file: start anew
-            started = json.loads((out / run_files.STATUS).read_text()).get("started", now)
+            started = json_loads((out / run_files.STATUS).read_text(),
+                                 str(out / run_files.STATUS)).get("started", now)
     write_json_atomic(out / run_files.STATUS, {"state": state.value, "step": step,
                                                 "error": error, "started": started,
                                                 "updated": now})
@@ -102,10 +105,15 @@ def trim_after_checkpoint(out: Path, checkpoint: str | Path) -> None:
 
 @contextlib.contextmanager
 def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
-                 tokenizer: Any) -> Iterator[Path]:
+                 tokenizer: Any, resume: ResumeDecision | None = None) -> Iterator[Path]:
     """Rank 0 makes and fills the run directory and holds its
     :class:`~finitetune.rundir.paths.RunLock` until the block ends (a second ``--resume`` or
     ``--overwrite`` meanwhile is refused); the others get its path (or its error).
+
+    ``resume`` (decided beforehand, :func:`~finitetune.train.resume_check.decide_resume`):
+    ``config.yaml`` is kept as the first run wrote it, the settings this resume changes go to
+    ``config.resume-N.yaml``, and the tokenizer already saved is kept. A restart from step 0
+    writes ``config.yaml`` anew, as a new run does.
 
     COLLECTIVE (distributed only): one broadcast, which is also the barrier that keeps the
     other ranks from using the directory before it exists. An error on rank 0 travels in it,
@@ -121,11 +129,12 @@ def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
                 out = prepare_output_dir(cfg)
                 held.enter_context(output_paths.RunLock(out, "finitetune train"))
                 write_status(out, run_files.RunState.RUNNING)
-                write_text_atomic(out / run_files.CONFIG,
-                                  yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                _write_settings(out, cfg, resume)
                 write_json_atomic(out / run_files.LABEL_REPORT, {**label_report.to_dict(),
                                                                   "policy": label_summary})
-                tokenizer.save_pretrained(out / run_files.TOKENIZER_DIR)
+                if resume is None or resume.restart or not (
+                        out / run_files.TOKENIZER_DIR).is_dir():
+                    tokenizer.save_pretrained(out / run_files.TOKENIZER_DIR)
                 found = (str(out), None)
             except (FinitetuneError, OSError) as exc:
                 if not distributed.is_distributed():
@@ -135,6 +144,24 @@ def make_run_dir(cfg: TrainConfig, label_report: Any, label_summary: Any,
         if error is not None:
             raise ConfigError(error)
         yield Path(path)
+
+
+def _write_settings(out: Path, cfg: TrainConfig, resume: ResumeDecision | None) -> None:
+    """``config.yaml`` for a new run (or a restart from step 0); for a resume, what it changed
+    in ``config.resume-N.yaml`` beside the untouched ``config.yaml``."""
+    if resume is None or resume.restart or resume.recorded is None:
+        write_text_atomic(out / run_files.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return
+    if not resume.changes:
+        return
+    index = resume.recorded.next_index
+    name = f"config.resume-{index}.yaml"
+    write_text_atomic(out / name, resume_record(
+        resume.changes, index, checkpoint=resume.checkpoint.name if resume.checkpoint else None,
+        step=resume.step, when=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    changed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in resume.changes.items())
+    print(f"finitetune: resume changes {changed} (recorded in {name}; {run_files.CONFIG} keeps "
+          "the first run's settings)", flush=True)
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
@@ -148,7 +175,10 @@ def write_eval(out: Path, result: Any) -> None:
     """``eval.json`` from a :class:`~finitetune.train.recipe.RunResult` (keeps an earlier "before")."""
     previous: dict[str, Any] = {}
     if (out / run_files.EVAL).exists():
-        previous = json.loads((out / run_files.EVAL).read_text())
+        with contextlib.suppress(OSError, ValueError):  # unreadable: keep no earlier "before"
+            previous = json_loads((out / run_files.EVAL).read_text(), str(out / run_files.EVAL))
+    if not isinstance(previous, dict):
+        previous = {}
     ev = {
         "before": result.eval_before or previous.get("before"),
         "after": result.eval_after,

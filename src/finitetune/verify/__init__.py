@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from finitetune.errors import ConfigError
+from finitetune.parsing.terminal import printable
 from finitetune.rundir.jsonio import write_json_atomic
 
 __all__ = ["VerifyResult", "run_verify"]
@@ -63,8 +64,9 @@ def run_verify(
     from finitetune.verify.scenarios import SCENARIOS
 
     stream = out if out is not None else sys.stdout
-    if steps < 2:
-        raise ConfigError("--steps must be at least 2: one step shows no trend")
+    if steps < 5:
+        raise ConfigError(f"--steps {steps}: expected at least 5 (the report calls a run "
+                          "healthy only on a loss trend it can test, which takes 5 logged steps)")
     chosen = scenarios or list(SCENARIOS)
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
@@ -73,7 +75,7 @@ def run_verify(
 
     def say(text: str = "") -> None:
         if not as_json:
-            print(text, file=stream, flush=True)
+            print(printable(text), file=stream, flush=True)  # paths and names the user gave
 
     start = time.perf_counter()
     held = contextlib.ExitStack()  # the output directory's RunLock, once it is made

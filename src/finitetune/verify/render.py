@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from finitetune.report.render import num, value_range
+from finitetune.report.stats import trend_word
 from finitetune.verify.harness import ArmResult
 from finitetune.verify.scenarios import ScenarioResult
 
@@ -29,8 +30,9 @@ def seed_report(arm: ArmResult, steps: int) -> str:
         rows.append([name, str(st.total), str(st.valid), str(st.nan), str(st.inf),
                      str(st.zero), value_range(st), mean])
     t = r.trend
-    trend = (f"{t.direction} ({num(t.first)} -> {num(t.last)}, Theil–Sen over {t.n} points, "
-             f"{t.evidence} evidence)" if t.n >= 2 else "too few points")
+    trend = (f"{trend_word(t)} ({num(t.first)} -> {num(t.last)}, Theil–Sen over {t.n} points"
+             + (f", {t.evidence} evidence)" if t.evidence != "none" else ")")
+             if t.n >= 2 else "too few points")
     return "\n".join([
         f"## Minimal guarded run: {steps} steps",
         "",

@@ -92,11 +92,16 @@ def load_config(path: str, *, cuda: bool) -> dict[str, Any]:
     import os
     from pathlib import Path
 
+    from finitetune.errors import NestingError
+    from finitetune.parsing.nesting import json_loads
+
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--deepspeed {path}: no such file (a DeepSpeed JSON config)")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = json_loads(file.read_text(encoding="utf-8"), f"--deepspeed {path}")
+    except NestingError as exc:
+        raise ConfigError(str(exc)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise ConfigError(f"--deepspeed {path}{where}: not a JSON file ({exc})") from None

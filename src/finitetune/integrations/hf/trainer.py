@@ -24,6 +24,7 @@ def build_trainer(
     model: Any, args: Any, train_dataset: Any, *, pad_token_id: int,
     guard: GuardConfig | None = None, safe_loss: bool = True, attribution: bool = True,
     sources: Mapping[int, str] | None = None, trainer_cls: Any = None, loss: Any = None,
+    fingerprints: Any = None,
 ) -> tuple[Any, Any]:
     """A Trainer on ``model`` with finitetune's loss, guard and metrics.
 
@@ -40,6 +41,9 @@ def build_trainer(
             nothing on healthy steps).
         sources: dataset index -> ``file:line``, for the attribution's sample names.
         trainer_cls: the Trainer class (default ``transformers.Trainer``).
+        fingerprints: the rows' content fingerprints
+            (:class:`~finitetune.data.fingerprint.RowFingerprints`): remembered bad samples
+            are recorded with them and found again by content when the data changed.
         loss: the safe-loss tracker to use (e.g. from
             :func:`~finitetune.integrations.hf.hidden_loss.choose_loss`); default a new
             ``SafeCausalLMLoss`` when ``safe_loss`` or ``guard``.
@@ -59,7 +63,7 @@ def build_trainer(
     callbacks: list[Any] = []
     if guard is not None:
         collator, callbacks = _guarded_parts(model, args, guard, collator, tracker,
-                                             attribution, sources)
+                                             attribution, sources, fingerprints)
     trainer = (trainer_cls or Trainer)(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator,
         compute_loss_func=tracker, callbacks=callbacks,
@@ -69,7 +73,7 @@ def build_trainer(
 
 def _guarded_parts(model: Any, args: Any, guard: GuardConfig, collator: Any, tracker: Any,
                    attribution: bool, sources: Mapping[int, str] | None,
-                   ) -> tuple[Any, list[Any]]:
+                   fingerprints: Any = None) -> tuple[Any, list[Any]]:
     """The collator (leaving out remembered bad samples) and the callbacks, in order."""
     from finitetune.distributed import AllRanksWindow
     from finitetune.guard.attribution import Attributor
@@ -83,7 +87,8 @@ def _guarded_parts(model: Any, args: Any, guard: GuardConfig, collator: Any, tra
     attributor = Attributor(model, out, sources=sources) if attribution else None
     # bad samples remembered (bad_samples.jsonl) and left out of later batches
     memory = BadSampleMemory(out, mode=guard.skip_bad_samples, window=guard.bad_sample_window,
-                             accumulation=args.gradient_accumulation_steps, sources=sources)
+                             accumulation=args.gradient_accumulation_steps, sources=sources,
+                             fingerprints=fingerprints)
     callbacks = [GuardCallback(guard, output_dir=str(out), attribution=attribution,
                                on_fault=BadSampleRecorder(memory, attributor)),
                  CheckpointCallback(out, config=guard, memory=memory),

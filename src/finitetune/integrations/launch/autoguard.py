@@ -19,6 +19,13 @@ already has them:
   directory and outcome to the run's manifest, which ``finitetune run`` reads to print each
   run's health report.
 
+Before any of that, rank 0 takes the :class:`~finitetune.rundir.paths.RunLock` of the
+Trainer's ``output_dir`` (and of ``--events-dir``), and holds it until the process ends: a
+second program writing the same directory (another ``finitetune run``, a ``finitetune
+train``) is refused while this one lives, naming it, instead of interleaving its lines with
+this one's. The refused program stops at that Trainer's construction (exit 2) with nothing
+written to the directory; ``finitetune run`` says why and exits 2.
+
 If anything here fails, the program fails with it (loudly) rather than train unguarded.
 """
 
@@ -26,11 +33,12 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from finitetune.parsing.nesting import json_loads
 
 __all__ = ["SETTINGS_ENV", "attach", "bootstrap"]
 
@@ -45,7 +53,8 @@ def settings() -> dict[str, Any]:
     ``events_dir`` (or None), ``inject`` (spec strings), ``manifest`` (path)."""
     global _settings_cache
     if _settings_cache is None:
-        _settings_cache = json.loads(Path(os.environ[SETTINGS_ENV]).read_text(encoding="utf-8"))
+        path = os.environ[SETTINGS_ENV]
+        _settings_cache = json_loads(Path(path).read_text(encoding="utf-8"), path)
     return _settings_cache
 
 
@@ -99,8 +108,9 @@ def attach(trainer: Any) -> None:
     handler = trainer.callback_handler
     guard_cb = next((cb for cb in handler.callbacks if isinstance(cb, GuardCallback)), None)
     events_dir = Path(s.get("events_dir") or trainer.args.output_dir)
-    if s["guard"] or guard_cb is not None:
-        _check_or_record(trainer, s["manifest"], events_dir)
+    if s["guard"] or guard_cb is not None:  # decided before the lock writes anything
+        _check_or_record(trainer, s["manifest"])
+    _hold(trainer, [Path(trainer.args.output_dir), events_dir], s)
     if s["guard"] and guard_cb is None:
         guard_cb = GuardCallback(s["config"], output_dir=s.get("events_dir"),
                                  attribution=s["attribution"])
@@ -122,20 +132,50 @@ def attach(trainer: Any) -> None:
          + (f"; injecting {', '.join(s['inject'])}" if s["inject"] else ""))
 
 
-def _check_or_record(trainer: Any, manifest: str, events_dir: Path) -> None:
+def _check_or_record(trainer: Any, manifest: str) -> None:
     """The guard's seam checks at construction; a refusal is recorded for ``finitetune run``
     (which names it as the guard's refusal) and raised, so the program stops unguarded never."""
     from finitetune.errors import ConfigError
     from finitetune.integrations.hf.seams import check_trainer
-    from finitetune.integrations.launch.manifest import refusal_record
+    from finitetune.integrations.launch.manifest import refused_record
 
     try:
         check_trainer(trainer)
     except ConfigError as exc:
         if trainer.is_world_process_zero():
-            refusal_record(manifest, events_dir, str(trainer.args.output_dir),
-                           type(trainer).__name__, str(exc))
+            refused_record(manifest, str(trainer.args.output_dir), str(exc), who="guard",
+                           trainer=type(trainer).__name__)
         raise
+
+
+_HELD: dict[str, Any] = {}
+"""Directories this process holds (resolved path -> RunLock), until it exits."""
+
+
+def _hold(trainer: Any, folders: list[Path], s: dict[str, Any]) -> None:
+    """Rank 0 locks each folder for the rest of the process (the kernel releases the locks when
+    it ends, however it ends); one held by another process stops the program here, before
+    this Trainer writes anything, with exit 2."""
+    if not trainer.is_world_process_zero():
+        return
+    from finitetune.errors import OutputError
+    from finitetune.integrations.launch.manifest import refused_record
+    from finitetune.rundir.paths import RunLock
+
+    command = f"finitetune run ({s.get('command') or 'a program'})"
+    for folder in folders:
+        key = str(folder.resolve())
+        if key in _HELD:
+            continue  # this process already holds it (a second Trainer of the program)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _HELD[key] = RunLock(folder, command).__enter__()
+        except OutputError as exc:
+            refused_record(s["manifest"], str(folder), str(exc), who="lock",
+                           trainer=type(trainer).__name__)
+            print(f"finitetune run: refusing to guard {type(trainer).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
 
 def _say(trainer: Any, text: str) -> None:

@@ -9,15 +9,15 @@ it without importing torch.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finitetune.parsing.nesting import json_loads
 from finitetune.rundir.jsonio import append_jsonl
 
-__all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest", "refusal_record"]
+__all__ = ["TrainerRun", "begin_record", "end_record", "read_manifest", "refused_record"]
 
 
 def begin_record(manifest: str | os.PathLike, events_dir: Path, output_dir: str,
@@ -37,12 +37,14 @@ def end_record(manifest: str | os.PathLike, events_dir: Path, *, global_step: in
                             "injected": injected, "rank_checksums": rank_checksums})
 
 
-def refusal_record(manifest: str | os.PathLike, events_dir: Path, output_dir: str,
-                   trainer: str, reason: str) -> None:
-    """The guard refused a Trainer when it was built (an unsupported release or set-up)."""
-    append_jsonl(manifest, {"event": "refused", "events_dir": str(events_dir),
-                            "output_dir": output_dir, "trainer": trainer, "reason": reason,
-                            "pid": os.getpid()})
+def refused_record(manifest: str | os.PathLike, output_dir: str, error: str, *, who: str,
+                   trainer: str | None = None) -> None:
+    """A Trainer was stopped when it was built, before it wrote anything: by the guard
+    (``who="guard"``: a release or set-up it cannot stand on) or because another process holds
+    its directory (``who="lock"``)."""
+    append_jsonl(manifest, {"event": "refused", "events_dir": output_dir,
+                            "output_dir": output_dir, "pid": os.getpid(), "error": error,
+                            "who": who, "trainer": trainer})
 
 
 @dataclass
@@ -58,7 +60,9 @@ class TrainerRun:
     injected: list[str] = field(default_factory=list)
     rank_checksums: list[float | None] = field(default_factory=list)
     refused: str | None = None
-    """Why the guard refused this Trainer at construction (it never trained guarded)."""
+    """Why the Trainer was stopped when it was built (see :func:`refused_record`), else None."""
+    refused_by: str | None = None
+    """``guard`` (its seam checks) or ``lock`` (another process holds the directory)."""
     trainer: str | None = None
 
 
@@ -70,15 +74,16 @@ def read_manifest(path: str | os.PathLike) -> list[TrainerRun]:
         return runs
     for line in p.read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            rec = json_loads(line, str(p))
+        except ValueError:
             continue  # a line torn by a killed process
         if rec.get("event") == "begin":
             runs.append(TrainerRun(rec["events_dir"], rec.get("output_dir")))
             continue
         if rec.get("event") == "refused":
             runs.append(TrainerRun(rec["events_dir"], rec.get("output_dir"),
-                                   refused=str(rec.get("reason")), trainer=rec.get("trainer")))
+                                   refused=str(rec.get("error") or "refused"),
+                                   refused_by=rec.get("who"), trainer=rec.get("trainer")))
             continue
         run = next((r for r in reversed(runs)
                     if r.events_dir == rec.get("events_dir") and not r.finished), None)

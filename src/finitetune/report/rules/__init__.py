@@ -4,7 +4,8 @@ Each rule looks for one symptom and, when it fires, says what the log shows, wha
 causes it and what to check. Severity decides the verdict: ``critical`` makes a run unhealthy
 (exit 1), ``warning`` fails only ``--strict``, ``info`` is noted. The wording rules (absent
 metrics are "not logged", "persistent" needs consecutive entries through the last one) are in
-:mod:`.base`; the rules are grouped in :mod:`.nonfinite` and :mod:`.progress`.
+:mod:`.base`; the rules are grouped in :mod:`.nonfinite`, :mod:`.progress` and
+:mod:`.divergence`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from finitetune.report.records import is_accuracy
-from finitetune.report.rules import nonfinite, progress
+from finitetune.report.rules import divergence, nonfinite, progress
 from finitetune.report.rules.base import PERSIST_RUN, Context, finding, finite
 from finitetune.report.run_status import run_status_findings
 
@@ -21,7 +22,7 @@ __all__ = ["PERSIST_RUN", "Context", "diagnose"]
 
 # symptoms that the guard handles by not applying the step (skip, rollback, lower LR)
 _HANDLED_RULES = {"hidden_nan_loss", "nan_loss", "nonfinite_grad", "fp16_skip_pattern",
-                  "loss_scale_calibration", "zero_loss"}
+                  "loss_scale_calibration", "zero_loss", "loss_spikes", "last_loss_high"}
 _HANDLING_ACTIONS = {"skip", "rollback", "reduce_lr"}
 
 
@@ -36,7 +37,8 @@ def diagnose(c: Context) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for rule in (nonfinite.hidden_nan_loss, nonfinite.nan_loss, nonfinite.nonfinite_grad,
                  progress.first_loss, progress.zero_lr, progress.zero_loss, progress.zero_grad,
-                 progress.pinned_norm, progress.spikes, progress.trend, progress.loss_scale_zero,
+                 progress.pinned_norm, divergence.grad_spikes, divergence.loss_spikes,
+                 divergence.last_loss, progress.trend, progress.loss_scale_zero,
                  _guard, _events,
                  _eval_dropped, nonfinite.eval_nonfinite, _labels, _empty,
                  run_status_findings):

@@ -7,7 +7,6 @@ import itertools
 import math
 from typing import Any
 
-from finitetune.numerics.robust_stats import robust_scale
 from finitetune.report.rules.base import (
     Context,
     Opt,
@@ -23,8 +22,9 @@ STUCK_PATIENCE = 3
 """Consecutive entries of loss exactly 0.0 (or grad norm 0.0) before it counts as stuck."""
 PIN_PATIENCE = 5
 """Consecutive identical grad norms before the norm counts as pinned."""
-SPIKE_Z = 6.0
-"""Robust z-score (MAD units, on log grad norm) of a noted spike; also >= 10x the median."""
+CONVERGED_DESCENT = 10.0
+"""A loss that fell at least this many times before reaching 0.0 has converged (with finite,
+shrinking grad norms): the rounding of a tiny loss, not a broken one."""
 LATE_RISE = 0.10
 """A loss whose last quarter rises (strong evidence) by at least 10 % is diverging."""
 
@@ -101,6 +101,9 @@ def zero_loss(c: Context) -> list[dict[str, Any]]:
         norms = " with finite grad norms"
     else:
         norms = f"; grad norm finite on {len(logged)} of them, not logged on the rest"
+    converged = _converged(c, a, b)
+    if converged:
+        return [converged]
     return [finding(
         "zero_loss", "critical" if b == len(flags) - 1 else "warning",
         f"Loss stuck at exactly 0.0 on {b - a + 1} consecutive entries "
@@ -111,6 +114,38 @@ def zero_loss(c: Context) -> list[dict[str, Any]]:
         "labels (`finitetune check`), the template's response marker, truncation; rerun with "
         "logging_nan_inf_filter=False to see whether the loss is really NaN.",
         [c.steps[a], c.steps[b]])]
+
+
+def _converged(c: Context, a: int, b: int) -> dict[str, Any] | None:
+    """Entries ``a``-``b`` (loss 0.0) as a converged run: the loss fell at least
+    :data:`CONVERGED_DESCENT` times before them, and their grad norms are all logged, finite,
+    non-zero and below the earlier ones. Loggers round (transformers 4.x: 4 digits), so a
+    memorised training set prints 0.0; that is worth a warning (overfitting), not "broken".
+    A NaN or exactly 0 grad norm stays the broken case (hidden NaN, nothing supervised)."""
+    logged = c.grad[a:b + 1]
+    if any(g is None or not finite(g) or g <= 0 for g in logged):
+        return None
+    norms = [float(g or 0.0) for g in logged]
+    before = [(v, g) for v, g in zip(c.loss[:a], c.grad[:a], strict=True)
+              if v is not None and finite(v) and v > 0]
+    earlier_norms = sorted(g for _, g in before if g is not None and finite(g) and g > 0)
+    if len(before) < 3 or not earlier_norms:
+        return None
+    fell = before[0][0] / before[-1][0]
+    shrinking = max(norms) < earlier_norms[len(earlier_norms) // 2]
+    if fell < CONVERGED_DESCENT or not shrinking:
+        return None
+    return finding(
+        "loss_converged_zero", "warning",
+        f"Loss reached 0.0 on {b - a + 1} consecutive entries (steps {fmt(c.steps[a])}–"
+        f"{fmt(c.steps[b])}) after falling from {before[0][0]:.4g} to {before[-1][0]:.4g}, "
+        f"with finite, shrinking grad norms (last {norms[-1]:.3g}): converged",
+        "The logger rounds the loss (transformers 4.x to 4 digits), so a model that fits its "
+        "training data almost exactly prints 0.0. The finite, shrinking gradient says the "
+        "updates are real and small; nothing is broken, but a loss this low usually means "
+        "the model memorises the training set.",
+        "an evaluation on held-out data (eval_loss, exact match) for overfitting; fewer steps "
+        "or a lower learning rate if it does not generalise.", [c.steps[a], c.steps[b]])
 
 
 def zero_grad(c: Context) -> list[dict[str, Any]]:
@@ -151,43 +186,28 @@ def pinned_norm(c: Context) -> list[dict[str, Any]]:
         [c.steps[a], c.steps[b]])]
 
 
-def spikes(c: Context) -> list[dict[str, Any]]:
-    """Grad-norm spikes by the same robust z-score the guard's spike detector uses."""
-    import numpy as np
-
-    grad = np.asarray([math.nan if x is None else x for x in c.grad], dtype=np.float64)
-    keep = np.isfinite(grad) & (grad > 0)
-    if int(keep.sum()) < 10:
-        return []
-    logs = np.log(grad[keep])
-    scale = robust_scale(logs.tolist())
-    steps = np.asarray(c.steps, dtype=np.float64)[keep]
-    # 2.3 = ln(10): a spike is also at least 10x the median norm
-    hit = ((logs - scale.center) / scale.scale > SPIKE_Z) & (logs - scale.center > 2.3)
-    hits = steps[hit].tolist()
-    if not hits:
-        return []
-    return [finding(
-        "grad_norm_spikes", "info",
-        f"{len(hits)} grad-norm spike(s), first at step {fmt(hits[0])} "
-        f"(>= 10x the median {math.exp(scale.center):.4g})",
-        "A spike followed by a rising loss is the start of a divergence; isolated "
-        "spikes are usually single bad batches.",
-        "the batches of those steps; finitetune's spike detector can skip them.", hits)]
-
-
 def trend(c: Context) -> list[dict[str, Any]]:
-    """A loss that does not fall over the run (strong evidence), or that climbs at its end."""
+    """A loss that does not fall over the run (tested on 5 or more points), or that climbs at
+    its end."""
     t = c.trend
     if all(v == 0.0 for v in c.loss if finite(v)):
         return []
     out = []
-    if t.direction in ("flat", "increasing") and t.evidence == "strong":
+    if t.direction == "none":
+        out.append(finding(
+            "loss_not_decreasing", "warning",
+            f"Loss shows no significant trend over {t.n} points (Theil–Sen slope "
+            f"{t.slope:.3g}/step, 95 % interval [{t.ci_low:.3g}, {t.ci_high:.3g}] includes 0)",
+            "Nothing in these points shows the loss falling: either the model does not learn, "
+            "or the log is too noisy or too short to show it.",
+            "learning rate (too low: no change; too high: noise), frozen parameters, labels; "
+            "more logged steps (logging_steps) to see a trend."))
+    elif t.direction in ("flat", "increasing") and t.evidence == "strong":
         word = "rising" if t.direction == "increasing" else "flat"
         out.append(finding(
             "loss_not_decreasing", "warning",
-            f"Loss is {word}, not decreasing (Theil–Sen slope {t.slope:.3g}/step, strong "
-            f"evidence, {t.n} points)",
+            f"Loss is {word}, not decreasing (Theil–Sen slope {t.slope:.3g}/step, "
+            f"significant over {t.n} points)",
             "A fine-tune whose loss does not fall over the run is not learning.",
             "learning rate (too low: flat; too high: rising), frozen parameters, labels."))
     tail = t.tail
