@@ -33,20 +33,28 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(module: str, path: Path) -> set[str]:
-    """Every module name the file imports (``from a.b import c`` gives a.b and a.b.c)."""
-    found: set[str] = set()
+def _import_statements(module: str, path: Path):
+    """(imported module, names imported from it) for every import statement of the file;
+    ``import a.b`` gives ("a.b", []), relative imports are made absolute."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            for alias in node.names:
+                yield alias.name, []
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, base] if base else parent)
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            yield base, [alias.name for alias in node.names]
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    """Every module name the file imports (``from a.b import c`` gives a.b and a.b.c)."""
+    found: set[str] = set()
+    for base, names in _import_statements(module, path):
+        found.add(base)
+        found.update(f"{base}.{name}" for name in names)
     return found
 
 
@@ -116,19 +124,12 @@ def _edges() -> dict[str, set[str]]:
     ``a``; a package's lazy re-exports (strings) are not imports."""
     edges: dict[str, set[str]] = {}
     for module, path in MODULES.items():
-        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*parent, base] if base else parent)
-                for alias in node.names:
-                    full = f"{base}.{alias.name}"
-                    names.add(full if full in MODULES else base)
+        for base, imported in _import_statements(module, path):
+            if not imported:
+                names.add(base)
+            for name in imported:
+                names.add(f"{base}.{name}" if f"{base}.{name}" in MODULES else base)
         targets = set()
         for name in names:
             while name and name not in MODULES:

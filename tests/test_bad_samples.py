@@ -94,24 +94,19 @@ class _NaNForToken:
         return out
 
 
+def _nan_for_poisoned_rows(monkeypatch, tiny_model_dir) -> list[_NaNForToken]:
+    """Every model ``finitetune train`` loads from now on outputs NaN for the rows holding the
+    marker token "~~~~"; the list fills with one fault hook per model loaded."""
+
+    faults = _nan_for_poisoned_rows(monkeypatch, tiny_model_dir)
+    return faults
+
+
 @pytest.mark.slow
 def test_nan_batch_is_not_seen_again_after_a_restart_and_the_report_names_it(
         tmp_path, tiny_model_dir, monkeypatch, one_thread, capsys):
-    import finitetune.models as models
-
     data, line = _poisoned_data(tmp_path)
-    from finitetune.models import load_tokenizer
-
-    token = load_tokenizer(tiny_model_dir)("~~~~")["input_ids"][0]
-    faults: list[_NaNForToken] = []
-    real_load = models.load_model
-
-    def load_with_fault(*args, **kwargs):
-        model = real_load(*args, **kwargs)
-        faults.append(_NaNForToken(model, token))
-        return model
-
-    monkeypatch.setattr(models, "load_model", load_with_fault)
+    faults = _nan_for_poisoned_rows(monkeypatch, tiny_model_dir)
     out = tmp_path / "run"
     args = ["train", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out),
             "--max-steps", "9", "--save-steps", "1", "--save-total-limit", "20",
@@ -201,9 +196,7 @@ def test_a_poisoned_row_moved_by_an_edit_is_still_left_out_after_resume(
     top of the data file, resume. The poisoned row is never fed again, the healthy row now at
     its old index is trained on, the start-up says what moved, and explain names the line the
     row is on now."""
-    import finitetune.models as models
     from finitetune.builtin.tasks import tiny_task
-    from finitetune.models import load_tokenizer
     from finitetune.train.recipe import split_records
 
     base = [{"prompt": r["prompt"], "response": r["response"]} for r in tiny_task(45, seed=7)]
@@ -221,16 +214,7 @@ def test_a_poisoned_row_moved_by_an_edit_is_still_left_out_after_resume(
     new = extra + old
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in old))
-    token = load_tokenizer(tiny_model_dir)("~~~~")["input_ids"][0]
-    faults: list[_NaNForToken] = []
-    real_load = models.load_model
-
-    def load_with_fault(*args, **kwargs):
-        model = real_load(*args, **kwargs)
-        faults.append(_NaNForToken(model, token))
-        return model
-
-    monkeypatch.setattr(models, "load_model", load_with_fault)
+    faults = _nan_for_poisoned_rows(monkeypatch, tiny_model_dir)
     out = tmp_path / "run"
     args = ["train", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out),
             "--max-steps", "9", "--save-steps", "1", "--save-total-limit", "20",

@@ -193,23 +193,6 @@ def test_a_subclass_clipping_its_own_way_stops_before_the_step(tmp_path):
     assert t.state.global_step == 0 and same(params(t.model), before)
 
 
-def test_a_trainer_that_clips_nothing_is_decided_at_the_optimizer_step(tmp_path):
-    # Releases before 5.3 ask nothing when max_grad_norm is 0 (no clip call at all). Simulated:
-    # a subclass whose norm query skips the Accelerator. Fault: NaN at step 2. Must: the guard
-    # decides at the optimizer's step: step 2 skipped, parameters bit-identical.
-    class AsksNothing(Trainer):
-        def _get_grad_norm(self, model, grad_norm=None):
-            return grad_norm
-
-    snap = Snapshots()
-    t = AsksNothing(model=tiny_llama(), args=args(tmp_path, 3, max_grad_norm=0.0),
-                    train_dataset=rows(), callbacks=[snap, GuardCallback()])
-    GradFault(t.model, UP, math.nan, at={2})
-    t.train()
-    assert same(snap.after[2], snap.after[1]) and not same(snap.after[3], snap.after[2])
-    assert [(e["step"], e["reason"]) for e in events(tmp_path)] == [(2, "nonfinite_grad")]
-
-
 def test_an_optimizer_step_the_guard_was_not_asked_about_is_refused(tmp_path):
     # Fault: something steps the optimizer before the Trainer asks for the norm (what a Trainer
     # that clips without the seam would do). Must: ConfigError, the step is not applied.
@@ -413,19 +396,30 @@ def test_declared_ranges_are_the_tested_ones():
     assert not re.findall(r'"(?:torch|transformers|trl|peft|accelerate|datasets)[^"]*<', deps)
 
 
-def test_without_clipping_the_guard_decides_through_get_grad_norm(tmp_path):
-    # Fault: NaN at step 2 with max_grad_norm=0 (from 5.3 the Trainer then asks its Accelerator
-    # for the norm with max_norm=inf). Must: step 2 skipped with parameters bit-identical; the logged
-    # grad_norm is the guard's pre-clip norm (NaN at 2); no clipping anywhere.
+class AsksNothing(Trainer):
+    """Releases before 5.3 with max_grad_norm 0 compute no norm at all: no clip call."""
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return grad_norm
+
+
+@pytest.mark.parametrize("trainer_cls", [Trainer, AsksNothing], ids=["asks", "asks_nothing"])
+def test_without_clipping_the_guard_still_decides(tmp_path, trainer_cls):
+    # Fault: NaN at step 2 with max_grad_norm=0. From 5.3 the Trainer asks its Accelerator for
+    # the norm (max_norm=inf): the guard decides there and the logged grad_norm is its pre-clip
+    # norm (NaN at 2). A Trainer that asks nothing (before 5.3, simulated) gets the decision at
+    # the optimizer's step. Must, both: step 2 skipped with parameters bit-identical, one event,
+    # no clipping anywhere.
     snap = Snapshots()
-    t = Trainer(model=tiny_llama(), args=args(tmp_path, 3, max_grad_norm=0.0),
-                train_dataset=rows(), callbacks=[snap, GuardCallback()])
+    t = trainer_cls(model=tiny_llama(), args=args(tmp_path, 3, max_grad_norm=0.0),
+                    train_dataset=rows(), callbacks=[snap, GuardCallback()])
     GradFault(t.model, UP, math.nan, at={2})
     t.train()
     assert same(snap.after[2], snap.after[1]) and not same(snap.after[3], snap.after[2])
+    assert [(e["step"], e["reason"]) for e in events(tmp_path)] == [(2, "nonfinite_grad")]
     assert guard_of(t).max_grad_norm == 0.0 and guard_of(t).counters["clipped"] == 0
     norms = {h["step"]: h["grad_norm"] for h in t.state.log_history if "grad_norm" in h}
-    if HAS_CLIP_METHOD:  # 5.3+ logs the norm it asked for; older releases log none at 0
+    if HAS_CLIP_METHOD and trainer_cls is Trainer:  # 5.3+ logs the norm it asked for
         assert math.isnan(norms[2]) and norms[1] > 0
-    else:
+    else:  # nothing asked: nothing logged
         assert norms == {}

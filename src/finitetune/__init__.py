@@ -8,32 +8,24 @@ model) does not pay for importing torch and transformers.
 from __future__ import annotations
 
 from finitetune import _moved
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
 _moved.install()  # the previous release's module paths keep importing, with a warning
 
 __version__ = "0.1.0"
 
 # name -> module that defines it
-_EXPORTS: dict[str, str] = {
-    "validate_labels": "finitetune.data.labels",
-    "LabelReport": "finitetune.data.labels",
-    "causal_lm_loss": "finitetune.loss.causal",
-    "Guard": "finitetune.guard.guard",
-    "GuardConfig": "finitetune.settings.config",
-    "StepOutcome": "finitetune.guard.policy",
-    "GuardCallback": "finitetune.integrations.hf.callback",
-    "NonFiniteHalt": "finitetune.errors",
-    "choose_precision": "finitetune.precision.policy",
-    "PrecisionPlan": "finitetune.precision.policy",
-    "health_report": "finitetune.report.health",
-    "HealthReport": "finitetune.report.health",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("finitetune", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.data.labels": "validate_labels LabelReport",
+    "finitetune.loss.causal": "causal_lm_loss",
+    "finitetune.guard.guard": "Guard",
+    "finitetune.settings.config": "GuardConfig",
+    "finitetune.guard.policy": "StepOutcome",
+    "finitetune.integrations.hf.callback": "GuardCallback",
+    "finitetune.errors": "NonFiniteHalt",
+    "finitetune.precision.policy": "choose_precision PrecisionPlan",
+    "finitetune.report.health": "health_report HealthReport",
+}, globals())
 
 
 def __dir__() -> list[str]:

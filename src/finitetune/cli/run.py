@@ -91,10 +91,9 @@ def guard_config(args: argparse.Namespace) -> Any:
     """GuardConfig from ``--config`` and the flags (flags win); errors name the file and line, or
     the flag, holding the bad value. The file is read by the one settings reader, as
     ``finitetune train`` reads it (``1e-4`` is a number)."""
-    from finitetune.errors import SettingError
     from finitetune.settings.config import GuardConfig
     from finitetune.settings.files import read_settings
-    from finitetune.settings.validation import build, check_values
+    from finitetune.settings.validation import build, check_layers
 
     layers: list[tuple[dict[str, Any], dict[str, str], str]] = []
     if args.config:
@@ -110,14 +109,8 @@ def guard_config(args: argparse.Namespace) -> Any:
         flags["max_consecutive_skips"] = args.max_consecutive_skips
     layers.append((flags, {"policy": "flag --guard-policy",
                            "max_consecutive_skips": "flag --max-consecutive-skips"}, "flag"))
-    values: dict[str, Any] = {}
-    for layer, lines, default in layers:
-        try:
-            check_values(GuardConfig, layer)
-        except SettingError as exc:
-            raise exc.located(lines.get(exc.setting, default)) from None
-        values.update(layer)
-    return build(GuardConfig, values)
+    check_layers(GuardConfig, layers)
+    return build(GuardConfig, {k: v for layer, _, _ in layers for k, v in layer.items()})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,19 +8,10 @@ Python) can be imported without torch.
 
 from __future__ import annotations
 
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
-_EXPORTS = {
-    "Guard": "finitetune.guard.guard",
-    "FaultHook": "finitetune.guard.hooks",
-    "Action": "finitetune.guard.policy",
-    "Reason": "finitetune.guard.policy",
-    "StepOutcome": "finitetune.guard.policy",
-    "StepStats": "finitetune.guard.policy",
-    "decide": "finitetune.guard.policy",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("finitetune.guard", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.guard.guard": "Guard",
+    "finitetune.guard.hooks": "FaultHook",
+    "finitetune.guard.policy": "Action Reason StepOutcome StepStats decide",
+}, globals())

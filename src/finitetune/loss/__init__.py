@@ -7,21 +7,11 @@ functions behind them. Nothing here imports transformers: a plain loop uses it a
 
 from __future__ import annotations
 
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
-_EXPORTS = {
-    "LossParts": "finitetune.loss.causal",
-    "LossWindow": "finitetune.loss.causal",
-    "SafeCausalLMLoss": "finitetune.loss.causal",
-    "causal_lm_loss": "finitetune.loss.causal",
-    "causal_lm_loss_parts": "finitetune.loss.causal",
-    "LMHead": "finitetune.loss.hidden",
-    "LowRank": "finitetune.loss.hidden",
-    "causal_lm_loss_from_hidden": "finitetune.loss.hidden",
-    "causal_lm_loss_from_hidden_parts": "finitetune.loss.hidden",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("finitetune.loss", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.loss.causal":
+        "LossParts LossWindow SafeCausalLMLoss causal_lm_loss causal_lm_loss_parts",
+    "finitetune.loss.hidden":
+        "LMHead LowRank causal_lm_loss_from_hidden causal_lm_loss_from_hidden_parts",
+}, globals())

@@ -6,21 +6,11 @@ decides from (device capabilities, the weight scan).
 
 from __future__ import annotations
 
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
-_EXPORTS = {
-    "PrecisionPlan": "finitetune.precision.policy",
-    "choose_precision": "finitetune.precision.policy",
-    "DeviceInfo": "finitetune.precision.probe",
-    "WeightScan": "finitetune.precision.probe",
-    "cpu_features": "finitetune.precision.probe",
-    "describe_device": "finitetune.precision.probe",
-    "overflow_family": "finitetune.precision.probe",
-    "scan_weights": "finitetune.precision.probe",
-    "FP16_OVERFLOW_FAMILIES": "finitetune.precision.probe",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("finitetune.precision", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.precision.policy": "PrecisionPlan choose_precision",
+    "finitetune.precision.probe":
+        "DeviceInfo WeightScan cpu_features describe_device overflow_family scan_weights "
+        "FP16_OVERFLOW_FAMILIES",
+}, globals())

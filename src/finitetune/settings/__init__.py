@@ -4,15 +4,8 @@ check each value where it enters (flag, YAML file or Python), naming where it ca
 
 from __future__ import annotations
 
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
-_EXPORTS = {
-    "DataConfig": "finitetune.settings.config",
-    "GuardConfig": "finitetune.settings.config",
-    "TrainConfig": "finitetune.settings.config",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("finitetune.settings", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.settings.config": "DataConfig GuardConfig TrainConfig",
+}, globals())

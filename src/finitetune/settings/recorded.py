@@ -33,7 +33,7 @@ from finitetune.errors import ConfigError
 from finitetune.rundir.files import CONFIG
 from finitetune.settings.config import TrainConfig
 from finitetune.settings.files import read_settings
-from finitetune.settings.validation import check_values
+from finitetune.settings.validation import check_values, flatten, merge
 
 __all__ = ["FIXED", "MAY_CHANGE", "NOT_SETTINGS", "Recorded", "changed_settings",
            "check_resume_changes", "read_recorded", "resume_record"]
@@ -86,13 +86,6 @@ class Recorded:
         return len(self.files)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def read_recorded(run_dir: str | os.PathLike) -> Recorded | None:
     """The run's current settings, or None when it has no ``config.yaml`` (a run killed before
     it wrote one). Each file is checked like a ``--config`` file.
@@ -114,28 +107,18 @@ def read_recorded(run_dir: str | os.PathLike) -> Recorded | None:
         except ConfigError as exc:
             raise ConfigError(f"--resume: {path} records a setting this finitetune does not "
                               f"read ({exc}); the run cannot be continued with certainty") from None
-        recorded.values = _merge(recorded.values, values)
+        recorded.values = merge(recorded.values, values)
         recorded.files.append(path)
     return recorded
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def changed_settings(recorded: Recorded, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """``{dotted setting: (recorded value, new value)}`` for every setting ``cfg`` changes
     (settings the record does not hold, e.g. added in a later version, compare with their
     default)."""
-    default = _flat(TrainConfig().to_dict())
-    old = {**default, **_flat(recorded.values)}
-    new = _flat(cfg.to_dict())
+    default = flatten(TrainConfig().to_dict())
+    old = {**default, **flatten(recorded.values)}
+    new = flatten(cfg.to_dict())
     return {k: (old.get(k), v) for k, v in new.items()
             if k not in NOT_SETTINGS and old.get(k) != v}
 

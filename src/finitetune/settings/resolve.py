@@ -11,7 +11,7 @@ from typing import Any
 from finitetune.errors import SettingError
 from finitetune.settings.config import TrainConfig
 from finitetune.settings.files import read_settings
-from finitetune.settings.validation import build, check_values
+from finitetune.settings.validation import build, check_layers, flatten, merge
 
 __all__ = ["PRESETS", "flatten", "resolve_config", "resolve_run_config"]
 
@@ -88,14 +88,8 @@ def _resolve(config_file: str | None, overrides: dict[str, Any],
     layers = [(preset, {}, f"the {model!r} preset"), (base, {}, base_source),
               (from_file, file_lines, str(config_file)),
               (nested_flags, sources or {}, "setting")]
-    where: dict[str, str] = {}
-    for values, lines, default in layers:
-        try:
-            check_values(TrainConfig, values)
-        except SettingError as exc:
-            raise exc.located(lines.get(exc.setting, default)) from None
-        where.update({k: lines.get(k, default) for k in flatten(values)})
-    merged = _merge(_merge(_merge(preset, base), from_file), nested_flags)
+    where = check_layers(TrainConfig, layers)
+    merged = merge(merge(merge(preset, base), from_file), nested_flags)
     try:
         return build(TrainConfig, merged), where
     except SettingError as exc:  # a rule between two settings: name where the first came from
@@ -106,21 +100,3 @@ def _set(tree: dict, keys: list[str], value: Any) -> None:
     for k in keys[:-1]:
         tree = tree.setdefault(k, {})
     tree[keys[-1]] = value
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """Nested settings -> dotted keys (``{'data': {'max_length': 64}}`` -> ``data.max_length``)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -320,3 +320,40 @@ def settings_table(cls: type, prefix: str = "") -> list[tuple[str, str]]:
         elif rule is not None:
             rows.append((f"{prefix}{name}", rule.expected))
     return rows
+
+
+# --------------------------------------------------------------------------- layers of settings
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested settings -> dotted keys (``{'data': {'max_length': 64}}`` -> ``data.max_length``)."""
+    out = {}
+    for k, val in tree.items():
+        if isinstance(val, dict):
+            out.update(flatten(val, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = val
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section (a nested mapping merges, not replaces)."""
+    out = dict(base)
+    for k, val in over.items():
+        out[k] = merge(out[k], val) if isinstance(val, dict) and isinstance(out.get(k), dict) \
+            else val
+    return out
+
+
+def check_layers(cls: type, layers: list[tuple[dict, dict[str, str], str]]) -> dict[str, str]:
+    """Check each layer of raw values on its own, in order (an error names the file and line,
+    or the flag, that holds the bad value: ``lines`` maps dotted keys to it, ``default`` names
+    the layer); return where each dotted key's final value came from."""
+    where: dict[str, str] = {}
+    for values, lines, default in layers:
+        try:
+            check_values(cls, values)
+        except SettingError as exc:
+            raise exc.located(lines.get(exc.setting, default)) from None
+        where.update({k: lines.get(k, default) for k in flatten(values)})
+    return where

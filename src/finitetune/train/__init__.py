@@ -5,13 +5,9 @@
 
 from __future__ import annotations
 
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
-_EXPORTS = {
-    "train": "finitetune.train.api",
-    "RunResult": "finitetune.train.recipe",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_getattr("finitetune.train", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.train.api": "train",
+    "finitetune.train.recipe": "RunResult",
+}, globals())

@@ -4,19 +4,10 @@
 
 from __future__ import annotations
 
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
-_EXPORTS = {
-    "SEAMS": "finitetune.integrations.deepspeed.engine",
-    "TESTED": "finitetune.integrations.deepspeed.engine",
-    "ZeroSession": "finitetune.integrations.deepspeed.engine",
-    "check": "finitetune.integrations.deepspeed.engine",
-    "load_config": "finitetune.integrations.deepspeed.engine",
-    "make_guard": "finitetune.integrations.deepspeed.engine",
-    "ZeroGuard": "finitetune.integrations.deepspeed.zero_guard",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("finitetune.integrations.deepspeed", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.integrations.deepspeed.engine":
+        "SEAMS TESTED ZeroSession check load_config make_guard",
+    "finitetune.integrations.deepspeed.zero_guard": "ZeroGuard",
+}, globals())

@@ -5,17 +5,10 @@ list of private Trainer parts used (``seams``).
 
 from __future__ import annotations
 
-from finitetune._lazy import lazy_getattr
+from finitetune._lazy import lazy_exports
 
-_EXPORTS = {
-    "GuardCallback": "finitetune.integrations.hf.callback",
-    "guard_of": "finitetune.integrations.hf.mixin",
-    "GuardedTrainerMixin": "finitetune.integrations.hf.callback",
-    "guarded": "finitetune.integrations.hf.callback",
-    "CheckpointCallback": "finitetune.integrations.hf.checkpoint_callback",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("finitetune.integrations.hf", _EXPORTS, globals())
+__getattr__, __all__ = lazy_exports(__name__, {
+    "finitetune.integrations.hf.callback": "GuardCallback GuardedTrainerMixin guarded",
+    "finitetune.integrations.hf.mixin": "guard_of",
+    "finitetune.integrations.hf.checkpoint_callback": "CheckpointCallback",
+}, globals())
