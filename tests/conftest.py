@@ -61,7 +61,12 @@ def _sequential_sampling_on_every_release():
     from torch.utils.data import SequentialSampler
 
     with contextlib.suppress(ImportError):  # TRL's configs are TrainingArguments too
-        import trl  # noqa: F401
+        import trl
+
+        for name in dir(trl):  # TRL imports its modules lazily: load every config class
+            if name.endswith("Config"):
+                with contextlib.suppress(Exception):
+                    getattr(trl, name)
 
     def family(cls):
         yield cls
