@@ -97,8 +97,19 @@ class _NaNForToken:
 def _nan_for_poisoned_rows(monkeypatch, tiny_model_dir) -> list[_NaNForToken]:
     """Every model ``finitetune train`` loads from now on outputs NaN for the rows holding the
     marker token "~~~~"; the list fills with one fault hook per model loaded."""
+    import finitetune.models as models
+    from finitetune.models import load_tokenizer
 
-    faults = _nan_for_poisoned_rows(monkeypatch, tiny_model_dir)
+    token = load_tokenizer(tiny_model_dir)("~~~~")["input_ids"][0]
+    faults: list[_NaNForToken] = []
+    real_load = models.load_model
+
+    def load_with_fault(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        faults.append(_NaNForToken(model, token))
+        return model
+
+    monkeypatch.setattr(models, "load_model", load_with_fault)
     return faults
 
 

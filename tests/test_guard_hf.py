@@ -301,16 +301,18 @@ def test_case15_rollback_restores_the_last_good_state_and_lowers_the_lr(tmp_path
 @pytest.mark.parametrize("checkpoint_config", [None, "memory"])
 def test_disk_rollback_without_a_disk_checkpoint_callback_stops_before_training(
         tmp_path, checkpoint_config):
-    # Fault: rollback_to='disk' with no CheckpointCallback (or one set to 'memory'): nothing
-    # would keep or restore the checkpoints, so every rollback would silently be a skip. Must:
-    # train() refuses before step 1 and says what to add; the parameters are untouched.
+    # Fault: rollback_to='disk' with no CheckpointCallback (checkpoints=False turned the one
+    # the guard brings off) or one set to 'memory': nothing would keep or restore the
+    # checkpoints, so every rollback would silently be a skip. Must: train() refuses before
+    # step 1 and says what to add; the parameters are untouched.
     from finitetune.errors import ConfigError
     from finitetune.integrations.hf.checkpoint_callback import CheckpointCallback
 
     extra = [] if checkpoint_config is None else [
         CheckpointCallback(config=GuardConfig(rollback_to=checkpoint_config))]
     t = trainer(tmp_path, 4, guard=GuardCallback(GuardConfig(policy="rollback",
-                                                             rollback_to="disk")),
+                                                             rollback_to="disk"),
+                                                 checkpoints=False),
                 callbacks=extra, save_strategy="steps", save_steps=2)
     before = [p.detach().clone() for p in t.model.parameters()]
     with pytest.raises(ConfigError, match="no CheckpointCallback with rollback_to='disk'"):
