@@ -367,3 +367,45 @@ def test_clip_adaptive_switch_in_train_and_run_and_the_report_draws_the_threshol
     with pytest.raises(SystemExit) as bad:
         main(["run", "--clip", "zclip", "--", "python"])
     assert bad.value.code == 2
+
+
+def test_trainer_resume_continues_the_threshold_bit_identically(tmp_path):
+    # A Trainer with GuardCallback(clip="adaptive"), checkpoint at step 5 (the history is past
+    # its 3-step warm-up), the loss x50 at step 8. Must: a fresh Trainer resumed from
+    # checkpoint-5 logs the same threshold on steps 6-10, cuts step 8 as the uninterrupted run
+    # does, and ends with equal model, optimizer, scheduler and guard state.
+    from transformers import Trainer, TrainingArguments
+
+    from finitetune import GuardCallback
+    from finitetune.integrations.hf.callback import guard_of
+    from finitetune.testing import LossScale
+    from finitetune.testing import models as testing_models
+
+    rows = torch.randint(0, 64, (40, 16), generator=torch.Generator().manual_seed(5))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    cfg = GuardConfig(clip="adaptive", clip_warmup=3)
+
+    def make(out: str, spike_call: int) -> Trainer:
+        args = TrainingArguments(
+            output_dir=out, max_steps=10, per_device_train_batch_size=4, learning_rate=1e-2,
+            lr_scheduler_type="constant", max_grad_norm=100.0, logging_steps=1,
+            save_strategy="steps", save_steps=5, report_to="none", use_cpu=True,
+            disable_tqdm=True, seed=0)
+        model = testing_models.tiny_llama(vocab=64, kv_heads=2, positions=16)
+        t = Trainer(model=model, args=args, train_dataset=data, callbacks=[GuardCallback(cfg)])
+        LossScale(t.model, 50.0, at={spike_call})  # counts this Trainer's forward calls
+        return t
+
+    def thresholds(t: Trainer) -> dict[int, float]:
+        return {h["step"]: h["guard/clip_threshold"] for h in t.state.log_history
+                if "guard/clip_threshold" in h}
+
+    a = make(str(tmp_path / "a"), 8)
+    a.train()
+    b = make(str(tmp_path / "b"), 3)  # resumed after step 5: its 3rd forward is step 8
+    b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-5"))
+    ta, tb = thresholds(a), thresholds(b)
+    assert [ta[s] for s in range(6, 11)] == [tb[s] for s in range(6, 11)]
+    assert guard_of(a).counters["adaptive_clipped"] >= 1
+    assert guard_of(b).state_dict() == guard_of(a).state_dict()
+    assert_same_state(a.model, b.model, a.optimizer, b.optimizer, a.lr_scheduler, b.lr_scheduler)

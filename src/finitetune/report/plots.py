@@ -3,9 +3,10 @@
 A NaN cannot be drawn as a point, which is exactly why plots of broken runs look deceptively
 clean; every non-finite entry is therefore marked on the step axis, and so is every event the
 run recorded (guard skips and rollbacks, refused saves, loss-scaler skips: any kind, each in its
-own colour). A ``--compare`` run is overlaid, dashed. matplotlib is imported here only, lazily,
-with the Agg backend: the report must work on headless CI machines and ``import
-finitetune.report`` must stay cheap.
+own colour). A run with adaptive clipping also gets its threshold drawn on the grad-norm plot
+(a norm above the line was cut to it). A ``--compare`` run is overlaid, dashed. matplotlib is
+imported here only, lazily, with the Agg backend: the report must work on headless CI machines
+and ``import finitetune.report`` must stay cheap.
 """
 
 from __future__ import annotations
