@@ -27,10 +27,12 @@ norms, with real norm spikes) with and without partial windows; 3 seeds each. Co
 applied (target 0) and warnings. ``--demo --healthy``: the demo at its preset and with 121 rows
 at 4 x 2 (a 1-row last window every epoch), 3 seeds.
 
-**Demo cells** (``--demo``): (b) and (c) at the demo's learning rate (1e-3) and at ``--demo-mult``
-times it (the lowest multiple at which (a) or (b) ends below 50 % exact match or non-finite in
-2 of 3 seeds, found with ``--demo-probe``), 3 seeds each. Each finished cell is saved to
-``--cells`` (JSON), so a long run can be summarised part-way with ``--summarize``.
+**Demo cells** (``--demo``): (b) and (c) at the demo's learning rate (1e-3) and at the lowest
+multiple at which (a) or (b) ends below 50 % exact match or non-finite in 2 of 3 seeds, plus (a)
+there, 3 seeds each. The multiple is probed with (b), seed 0, from 8x (halved while it fails,
+doubled while it holds), or given with ``--demo-mult``: about 17 runs of ~4 min on 2 idle cores.
+Each finished cell is saved to ``--cells`` (JSON), so a long run can be resumed, and summarised
+part-way with ``--summarize`` (only measured cells are tabulated).
 """
 
 from __future__ import annotations
@@ -380,6 +382,8 @@ def healthy(cells: Cells, tmp: str, demo: bool, variants: list[str]) -> str:
         for name, settings in healthy_configs(data, seed, demo).items():
             for v in variants:
                 key = f"{'demo' if demo else 'tiny'}-healthy|{name}|{v}|s{seed}"
+                if demo and not settings:  # the preset itself: the same run as a 1x demo cell
+                    key = f"demo|1x|{v}|s{seed}"
                 per.setdefault((name, v), []).append(cells.run(key, v, seed, settings, tmp))
     rows = ["| run | variant | steps (seeds 0/1/2) | not applied | warnings | what warned |",
             "|---|---|---|---|---|---|"]
@@ -405,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--healthy", action="store_true", help="the healthy runs instead of the grid")
     p.add_argument("--demo", action="store_true", help="the demo (SmolLM2) instead of tiny")
     p.add_argument("--demo-mult", type=int, default=None,
-                   help="--demo: the LR multiple of the failing cells (found with --demo-probe)")
-    p.add_argument("--demo-probe", type=int, action="append", default=[],
-                   help="--demo: run (a) and (b) at this multiple, to find the failing one")
+                   help="--demo: the LR multiple of the failing cells (default: probe for it)")
     p.add_argument("--mults", default=",".join(map(str, MULTS)), help="grid multiples")
     p.add_argument("--variants", default=",".join(VARIANTS), help="grid variants")
     p.add_argument("--cells", help="JSON file the finished cells are kept in (resumable)")
@@ -454,20 +456,33 @@ def _only_done(cells: Cells) -> Any:
 
 
 def demo_cells(cells: Cells, tmp: str, args: argparse.Namespace) -> str:
-    """(a) and (b) at each ``--demo-probe`` multiple; (b) and (c) at the demo LR and at
-    ``--demo-mult``, with the headline there. Only measured cells are tabulated."""
+    """The demo's cells: find the failing multiple (or take ``--demo-mult``), then (b) and (c)
+    at 1x and there, and (a) there, 3 seeds each. Only measured cells are tabulated."""
     lr = 1e-3
-    parts, probes = [], {}
-    for mult in args.demo_probe:
-        probe = grid(cells, {}, lr, (mult,), ["a", "b"], tmp, "demo")
-        probes.update(probe)
-        verdict = "fails" if any(failing(cs) for cs in probe.values()) else "holds"
-        parts.append(f"Probe {mult}x: (a)/(b) {verdict}.\n\n" + grid_table(probe, lr))
-    mults = (1,) + ((args.demo_mult,) if args.demo_mult else ())
+
+    def one(mult: int, v: str, seed: int) -> dict[str, Any] | None:
+        return cells.run(f"demo|{mult}x|{v}|s{seed}", v, seed, {"learning_rate": lr * mult}, tmp)
+
+    mult, probe = args.demo_mult, {}
+    if mult is None:  # (b), seed 0: from 8x, halve while it fails, double while it holds
+        m = 8
+        while m in MULTS[1:] and m not in probe:
+            cell = one(m, "b", 0)
+            if cell is None:
+                break
+            probe[m] = (cell["em"] or 0.0) < 0.5 or not cell["finite"]
+            m = m // 2 if probe[m] else m * 2
+        mult = min((k for k, bad in probe.items() if bad), default=None)
+    mults = (1,) + ((mult,) if mult else ())
     results = grid(cells, {}, lr, mults, ["b", "c"], tmp, "demo")
-    if args.demo_mult:
-        there = {k: v for k, v in probes.items() if k == (args.demo_mult, "a")}
-        parts.insert(0, headline({**there, **results}, (args.demo_mult,)))
+    if mult:
+        results.update(grid(cells, {}, lr, (mult,), ["a"], tmp, "demo"))
+    parts = []
+    if probe:
+        steps = ", ".join(f"{m}x {'fails' if bad else 'holds'}" for m, bad in probe.items())
+        parts.append(f"Probe, (b) seed 0: {steps}; the cells below use {mult or '-'}x.")
+    if mult:
+        parts.append(headline(results, (mult,)))
     parts.append(grid_table(results, lr))
     cost = cost_table(results)
     if cost:

@@ -49,8 +49,8 @@ class SignalTracker:
             grad_z=self.grad.score(norm, stats.tokens) if norm_ok else None,
             zero_loss_run=self.zero_loss_run + 1 if loss_ok and stats.loss == 0.0 else 0,
             pinned_run=self.pinned_run + 1 if pinned else 0,
-            loss_above_start=(None if not loss_ok or self.loss_start is None
-                              or self.start_losses < self.warmup
+            loss_above_start=(None if stats.loss is None or not loss_ok
+                              or self.loss_start is None or self.start_losses < self.warmup
                               else bool(stats.loss > self.loss_start)),
         )
 
