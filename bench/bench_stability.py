@@ -202,11 +202,19 @@ def _write(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def _random_text(n: int, seed: int) -> list[dict]:
-    """Rows of random words from the tiny vocabulary: nothing to learn, steady norms."""
+FEW_WORDS = ("apple", "tiger", "red", "hammer", "pear", "otter", "blue", "saw", "plum", "zebra",
+             "green", "drill", "Words", "Group", "fruit", "animal", "color", "tool")
+"""18 words: random text over them is partly learnable (their frequencies), and its runs have
+full-window grad-norm spikes while the loss stays flat."""
+
+
+def _random_text(n: int, seed: int, words: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows of random words (default: the whole tiny vocabulary): nothing to learn but word
+    frequencies, steady norms."""
     from finitetune.builtin.tasks import TINY_GROUPS
 
-    words = sorted({w for ws in TINY_GROUPS.values() for w in ws} | set(TINY_GROUPS))
+    if words is None:
+        words = tuple(sorted({w for ws in TINY_GROUPS.values() for w in ws} | set(TINY_GROUPS)))
     rng = random.Random(seed)
     return [{"prompt": " ".join(rng.choice(words) for _ in range(6)),
              "response": " " + " ".join(rng.choice(words) for _ in range(4))} for _ in range(n)]
@@ -235,6 +243,7 @@ def healthy_configs(data: Path, seed: int, demo: bool) -> dict[str, dict[str, An
                 "demo, 121 rows, batch 4 x GA 2": partial(recs, 121, "demo121", 4, 2,
                                                           max_steps=80)}
     rows, text = tiny_task(1400, seed=100 + seed), _random_text(1400, seed)
+    few = [_random_text(46, seed, FEW_WORDS), _random_text(151, seed, FEW_WORDS)]
     epochs = {"max_steps": -1}
     return {
         "tiny preset (batch 16)": {"model": "tiny"},
@@ -249,6 +258,10 @@ def healthy_configs(data: Path, seed: int, demo: bool) -> dict[str, dict[str, An
                                                    data / f"rand-{seed}.jsonl", text)}},
         "random tokens, 37 rows, batch 4 x GA 3": partial(text, 37, "r37", 4, 3, model="tiny",
                                                           num_train_epochs=30, **epochs),
+        "18 random words, 37 rows, batch 4 x GA 3": partial(
+            few[0], 37, "w37", 4, 3, model="tiny", num_train_epochs=30, **epochs),
+        "18 random words, 121 rows, batch 4 x GA 2": partial(
+            few[1], 121, "w121", 4, 2, model="tiny", num_train_epochs=8, **epochs),
     }
 
 
