@@ -424,26 +424,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-mult", type=int, default=None,
                    help="--demo: the LR multiple of the failing cells (default: probe for it)")
     p.add_argument("--mults", default=",".join(map(str, MULTS)), help="grid multiples")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="grid variants")
+    p.add_argument("--variants", help="variants to run (grid default: a,b,c,d1,d2; "
+                                       "--healthy: b,c); b0,c0 on request")
+    p.add_argument("--title", help="the history section's title (default: by mode)")
     p.add_argument("--cells", help="JSON file the finished cells are kept in (resumable)")
     p.add_argument("--summarize", action="store_true", help="only tabulate --cells")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
     cells = Cells(args.cells)
     mults = tuple(int(m) for m in args.mults.split(","))
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") if args.variants else None
     with tempfile.TemporaryDirectory(prefix="bench_stability_") as tmp, patched_recipe():
         if args.summarize:
             cells.run = _only_done(cells)  # type: ignore[method-assign]
         if args.healthy:
             title = ("Healthy demo runs: steps not applied" if args.demo
                      else "Healthy runs: steps not applied")
-            body = healthy(cells, tmp, args.demo, ["b", "c"])
+            body = healthy(cells, tmp, args.demo, variants or ["b", "c"])
         elif args.demo:
             title, body = "Stability: demo cells", demo_cells(cells, tmp, args)
         else:
             lr = 3e-3
-            results = grid(cells, {"model": "tiny"}, lr, mults, variants, tmp, "tiny")
+            chosen = variants or [v for v in VARIANTS if v not in UNCAPPED]
+            results = grid(cells, {"model": "tiny"}, lr, mults, chosen, tmp, "tiny")
             title = "Stability: tiny model, learning rate x1 to x32"
             body = "\n\n".join(x for x in (headline(results, mults), grid_table(results, lr),
                                             cost_table(results)) if x)
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_append:
         from bench.common import append_result
 
-        append_result(title, body + f"\n\nLoss spike: {SPIKE_Z:g} robust SDs above the "
+        append_result(args.title or title, body + f"\n\nLoss spike: {SPIKE_Z:g} robust SDs above the "
                       f"previous {SPIKE_WINDOW} logged losses (after {SPIKE_WARMUP}).")
     return 0
 
