@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # build next to the venv so a machine (or a CI run) pays it once, not once per test.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test lint bench verify constraints clean install matrix
+.PHONY: demo test lint bench bench-demo verify constraints clean install matrix
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-demo install
 	$(BIN)/python -m bench.run_all
+
+# The demo's stability cells and healthy runs (SmolLM2; hours on 2 cores; resumable).
+bench-demo: $(VENV)/.installed-demo
+	$(BIN)/python -m bench.bench_stability --demo --cells runs/bench-demo-cells.json
+	$(BIN)/python -m bench.bench_stability --demo --healthy --cells runs/bench-demo-cells.json
 
 constraints: $(VENV)/.installed-demo
 	$(PIP) freeze --exclude-editable | grep -v -E '^(torch|finitetune)[= @]' > constraints.txt.new

@@ -55,6 +55,10 @@ BENCHES = [
     Bench("rollback", "bench.bench_rollback", []),
     Bench("watch", "bench.bench_watch", []),
     Bench("tiny", "bench.bench_demo", ["--model", "tiny"]),
+    Bench("stability", "bench.bench_stability", [],
+          "the tiny grid: 6 learning rates x 3 seeds x 5 variants, ~10 min on 2 idle cores"),
+    Bench("healthy", "bench.bench_stability", ["--healthy"],
+          "healthy tiny runs with partial windows and random tokens, 3 seeds"),
     Bench("demo", "bench.bench_demo", []),
     Bench("demo_step", "bench.bench_demo_step", []),
 ]
@@ -91,6 +95,14 @@ DEMO_STEP = "Demo training step: supervised-only LM head vs full logits"
 _HIDDEN_ROW = r"\| {} \| frozen \|[^|]*\|[^|]*\|"  # supervised fraction, head, two peaks
 RANK = "Cross-rank consistency check cost"
 ROLLBACK = "Rollback policies: peak memory, in-memory vs on-disk"
+STABILITY = "Stability: tiny model, learning rate x1 to x32"
+STABILITY_DEMO = "Stability: demo cells"
+HEALTHY = "Healthy runs: steps not applied"
+HEALTHY_DEMO = "Healthy demo runs: steps not applied"
+_COST = r"\| adaptive clipping's extra work / median step \|\s*\*\*(-?[\d.]+)%"
+_DELTA = r"\| exact match, adaptive - fixed \(mean of 3 seeds\) \|\s*([+-]?[\d.]+) points"
+_N90 = r"\(c\) mean [\d.]+ %, >= 90 % in (\d)/3"
+_NOT_APPLIED = r"\| steps not applied, total \|\s*\*\*(\d+)\*\*"
 
 TARGETS = [
     Target("gradient guard", "Trainer step time, guarded / unguarded", GUARD,
@@ -106,6 +118,26 @@ TARGETS = [
     Target("cross-rank check", "its cost on healthy steps at the default interval / step",
            RANK, r"\| total at the default interval / step \|\s*\*\*([\d.]+)%", "<=", 1.0,
            "DDP, 2 gloo ranks, timed inside the step: the check must cost under 1 %", "%"),
+    Target("spike rules", "steps not applied on healthy tiny runs (partial windows, random "
+           "tokens; 3 seeds; fixed and adaptive clip)", HEALTHY, _NOT_APPLIED, "<=", 0,
+           "a healthy run is exactly a transformers run: no step of ordinary variance skipped"),
+    Target("spike rules", "steps not applied on healthy demo runs (preset and partial "
+           "windows)", HEALTHY_DEMO, _NOT_APPLIED, "<=", 0,
+           "the same on the demo (SmolLM2, LoRA)"),
+    Target("adaptive clipping", "tiny, at the lowest LR multiple where (a) or (b) fails: "
+           "seeds with (c) adaptive >= 90 % exact match", STABILITY, _N90, ">=", 3,
+           "adaptive clipping should rescue the LR where fixed clipping fails, in 3 of 3 seeds"),
+    Target("adaptive clipping", "tiny, default LR: exact match, adaptive - fixed", STABILITY,
+           _DELTA, ">=", -1.0, "adaptive clipping loses no accuracy (mean of 3 seeds)",
+           " points"),
+    Target("adaptive clipping", "tiny, default LR: its extra work / median step", STABILITY,
+           _COST, "<=", 1.0, "timed inside the step, guard work adaptive - fixed", "%"),
+    Target("adaptive clipping", "demo, at the failing multiple: seeds with (c) >= 90 %",
+           STABILITY_DEMO, _N90, ">=", 3, "the same on the demo (SmolLM2, LoRA)"),
+    Target("adaptive clipping", "demo, default LR: exact match, adaptive - fixed",
+           STABILITY_DEMO, _DELTA, ">=", -1.0, "no accuracy lost on the demo", " points"),
+    Target("adaptive clipping", "demo, default LR: its extra work / median step",
+           STABILITY_DEMO, _COST, "<=", 1.0, "timed inside the step", "%"),
     Target("label validation", "validation / tokenisation (list of dicts)", LABELS,
            r"\| validate \(list of dicts\) / tokenise \|\s*([\d.]+)", "<=", 0.10,
            "a small fraction of the tokenisation the user pays anyway"),

@@ -332,9 +332,9 @@ def test_case9_spike_is_acted_on_and_a_nan_does_not_poison_the_detector():
     assert [(o_.step, o_.reason.value) for o_ in outs if o_.reason] == [
         (31, "loss_spike"), (36, "nonfinite_grad")]
     assert outs[30].detail["direction"] == "high" and outs[30].detail["z"] > 100
-    assert all(math.isfinite(v) for v in g._loss_detector.values)
-    assert max(g._loss_detector.values) < 10 and max(g._grad_detector.values) < 10
-    assert len(g._loss_detector.values) == 20
+    assert all(math.isfinite(v) for v in g.signals.loss.values)
+    assert max(g.signals.loss.values) < 10 and max(g.signals.grad.values) < 10
+    assert len(g.signals.loss.values) == 20
     cm, co, cs, _, _ = run(40, guarded=False, drop={31, 36})
     assert_same_state(m, cm, o, co, s, cs)
 

@@ -68,6 +68,9 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--guard-policy", choices=("skip", "rollback", "halt"),
                    help="action on a non-finite step (default skip)")
+    p.add_argument("--clip", choices=("fixed", "adaptive"),
+                   help="gradient clipping: fixed (the Trainer's max_grad_norm, default) or "
+                        "adaptive (ZClip: follows the recent grad norms, never above it)")
     p.add_argument("--max-consecutive-skips", type=int, metavar="N",
                    help="halt after more than N bad steps in a row (default 5)")
     p.add_argument("--config", metavar="YAML",
@@ -107,7 +110,9 @@ def guard_config(args: argparse.Namespace) -> Any:
         flags["policy"] = args.guard_policy
     if args.max_consecutive_skips is not None:
         flags["max_consecutive_skips"] = args.max_consecutive_skips
-    layers.append((flags, {"policy": "flag --guard-policy",
+    if getattr(args, "clip", None) is not None:
+        flags["clip"] = args.clip
+    layers.append((flags, {"policy": "flag --guard-policy", "clip": "flag --clip",
                            "max_consecutive_skips": "flag --max-consecutive-skips"}, "flag"))
     check_layers(GuardConfig, layers)
     return build(GuardConfig, {k: v for layer, _, _ in layers for k, v in layer.items()})

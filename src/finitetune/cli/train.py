@@ -44,6 +44,9 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--on-label-problem": ("data.on_label_problem", str, "drop, error or fix"),
     "--precision": ("precision", str, "auto, bf16, fp16 or fp32"),
     "--guard-policy": ("guard.policy", str, "skip, rollback or halt"),
+    "--clip": ("guard.clip", str, "fixed (clip to --max-grad-norm, as the Trainer does) or "
+                                  "adaptive (ZClip: a threshold that follows the recent grad "
+                                  "norms, never above --max-grad-norm)"),
     "--deepspeed": ("deepspeed", str, "DeepSpeed JSON config (ZeRO stage 1-3); launch with "
                                       "torchrun, deepspeed or accelerate launch"),
     "--guard-rollback-to": ("guard.rollback_to", str,

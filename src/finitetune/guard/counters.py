@@ -6,6 +6,7 @@ diagnosis, read by the report); this module is its schema, so the names live in 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from finitetune.guard.policy import Reason
@@ -16,7 +17,7 @@ COUNTERS = (
     "steps", "applied", "skipped", "nonfinite", "nonfinite_grad", "nonfinite_loss",
     "norm_overflow", "no_valid_tokens", "loss_spikes", "grad_spikes", "warnings", "rollbacks",
     "lr_reductions", "scaler_overflows", "clipped", "empty_micro_batches", "consecutive_skips",
-    "last_applied_step", "rank_mismatches",
+    "last_applied_step", "rank_mismatches", "adaptive_clipped", "moment_resets",
 )
 REASON_COUNTER = {
     Reason.NONFINITE_GRAD: "nonfinite_grad", Reason.NONFINITE_LOSS: "nonfinite_loss",
@@ -37,9 +38,18 @@ def new_counters() -> dict[str, Any]:
     return counters
 
 
-def log_view(counters: dict[str, Any], lr_scale: float) -> dict[str, float]:
-    """Counters for the Trainer's logs / TensorBoard / W&B, keyed ``guard/<name>``."""
+def log_view(counters: dict[str, Any], lr_scale: float,
+             clip_threshold: float | None = None) -> dict[str, float]:
+    """Counters for the Trainer's logs / TensorBoard / W&B, keyed ``guard/<name>``; with
+    adaptive clipping also the threshold in force (``guard/clip_threshold``) and the steps it
+    cut (``guard/adaptive_clipped``)."""
     out = {f"guard/{k}": float(counters[k]) for k in LOG_KEYS}
     out["guard/spikes"] = float(counters["loss_spikes"] + counters["grad_spikes"])
     out["guard/lr_scale"] = float(lr_scale)
+    if clip_threshold is not None:
+        if math.isfinite(clip_threshold):  # inf: warming up with no max_grad_norm
+            out["guard/clip_threshold"] = float(clip_threshold)
+        out["guard/adaptive_clipped"] = float(counters["adaptive_clipped"])
+        if counters["moment_resets"]:
+            out["guard/moment_resets"] = float(counters["moment_resets"])
     return out

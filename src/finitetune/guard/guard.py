@@ -36,8 +36,14 @@ from typing import Any
 import torch
 
 from finitetune import distributed
-from finitetune.errors import NonFiniteHalt
+from finitetune.errors import ConfigError, NonFiniteHalt
 from finitetune.guard import events, step_vector
+from finitetune.guard.clipping import (
+    AdaptiveClip,
+    PerTensorClip,
+    clip_gradients,
+    reset_moments,
+)
 from finitetune.guard.counters import REASON_COUNTER, log_view, new_counters
 from finitetune.guard.distributed import grad_replicas
 from finitetune.guard.hooks import FaultHook
@@ -46,11 +52,11 @@ from finitetune.guard.policy import (
     Action,
     PolicyContext,
     Signals,
-    SpikeDetector,
     StepOutcome,
     StepStats,
 )
 from finitetune.guard.rank_check import RankCheck
+from finitetune.guard.signals import SignalTracker
 from finitetune.guard.snapshot import Snapshot, backoff_lr, unwrap_optimizer
 from finitetune.guard.stats import GradStats, LossAccumulator
 from finitetune.settings.config import GuardConfig
@@ -111,12 +117,12 @@ class Guard:
         self.counters: dict[str, Any] = new_counters()
         self.counters["steps"] = int(start_step)
         self.lr_scale = 1.0
-        cfg = self.config
-        self._loss_detector = SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_min_scale)
-        self._grad_detector = SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_min_scale)
-        self._zero_loss_run = 0
-        self._pinned_run = 0
-        self._last_norm: float | None = None
+        self.signals = SignalTracker(self.config)
+        """The spike windows and low-side runs the next step is judged against."""
+        self.clip = AdaptiveClip(self.config, self._max_grad_norm)
+        """The clip value of each step: ``max_grad_norm``, or ZClip's adaptive threshold."""
+        self._per_tensor = (PerTensorClip(self.config.clip_warmup)
+                            if self.config.clip_per_tensor else None)
         self._loss = LossAccumulator()
         self.refresh_params()
 
@@ -139,6 +145,9 @@ class Guard:
         self._grad_replicas = grad_replicas(self.model, params)
         self.replicated_grads = self._grad_replicas is None
         self._grad_stats = GradStats(params)
+        if self._per_tensor is not None and self._grad_stats.sharded:
+            raise ConfigError("clip_per_tensor needs each rank to hold whole gradient tensors; "
+                              "under fully_shard they are shards: turn clip_per_tensor off")
         self.rank_check = RankCheck.for_layout(self.config, self.replicated_grads, params)
         in_memory = self.config.needs_snapshots and self.config.rollback_to == "memory"
         self._snapshot = (getattr(self, "snapshot_override", None)  # DiskRollback.attach
@@ -242,15 +251,16 @@ class Guard:
         stats, clip_value = step_vector.read_stats(
             values, grad_div=self._grad_div(), replicated_grads=self.replicated_grads,
             has_scaler=self.scaler is not None, inspect_inf=self._grad_stats.inspect_inf)
-        signals = self._signals(stats)
+        signals = self.signals.read(stats, self._max_grad_norm)
         ctx = PolicyContext(self.counters["consecutive_skips"], self.counters["rollbacks"],
                             self._snapshot is not None and self._snapshot.exists)
         decision = self.rank_check.decide(stats, signals, ctx, rc_values, step)
-        outcome = self._outcome(step, decision, stats, clip_value)
+        limit = self.clip.limit(stats.grad_norm)  # host floats: the same on every rank
+        outcome = self._outcome(step, decision, stats, clip_value, limit)
         extra = None
         if not outcome.applied and self.on_fault is not None:
             extra = self.on_fault(outcome)  # attribution: gradients and state still as found
-        self._enact(outcome, stats, signals, clip_norm, clip_value)
+        self._enact(outcome, stats, signals, clip_norm, clip_value, limit)
         self._loss.reset()
         self._batches = []
         self._grad_stats.release()
@@ -293,28 +303,16 @@ class Guard:
         this (DDP: every rank; fully_shard: 1)."""
         return distributed.world_size() if self.replicated_grads else (self._grad_replicas or 1)
 
-    def _signals(self, stats: StepStats) -> Signals:
-        norm_ok = not (stats.grad_nonfinite or stats.norm_overflow)
-        loss_ok = stats.loss is not None and not stats.loss_nonfinite
-        norm = stats.grad_norm
-        pinned = norm_ok and (
-            (self._last_norm is not None and abs(norm - self._last_norm)
-             <= 1e-6 * max(abs(self._last_norm), 1e-30))
-            or (self._max_grad_norm > 0 and abs(norm - self._max_grad_norm)
-                <= 1e-6 * self._max_grad_norm)
-        )
-        return Signals(
-            loss_z=self._loss_detector.score(stats.loss) if loss_ok else None,
-            grad_z=self._grad_detector.score(norm) if norm_ok else None,
-            zero_loss_run=self._zero_loss_run + 1 if loss_ok and stats.loss == 0.0 else 0,
-            pinned_run=self._pinned_run + 1 if pinned else 0,
-        )
-
-    def _outcome(self, step: int, decision: Any, stats: StepStats, clip_value: float
-                 ) -> StepOutcome:
+    def _outcome(self, step: int, decision: Any, stats: StepStats, clip_value: float,
+                 limit: tuple[float, float | None]) -> StepOutcome:
         applied = decision.action == Action.APPLY
         backoff = decision.action in (Action.ROLLBACK, Action.REDUCE_LR)
-        clipped = applied and self._max_grad_norm > 0 and clip_value + 1e-6 > self._max_grad_norm
+        clipped = applied and limit[0] < math.inf and clip_value + 1e-6 > limit[0]
+        detail = dict(decision.detail)
+        if self.clip.adaptive:
+            detail.setdefault("clip_threshold", self.clip.threshold())
+        if applied and limit[1] is not None:  # the adaptive threshold cut this step
+            detail["adaptive_clip"] = limit[0]
         return StepOutcome(
             step=step, applied=applied, action=decision.action, reason=decision.reason,
             grad_norm=stats.grad_norm, loss=stats.loss, tokens=stats.tokens,
@@ -322,11 +320,12 @@ class Guard:
             clipped=clipped,
             consecutive_skips=0 if applied else self.counters["consecutive_skips"] + 1,
             lr_scale=self.lr_scale * (self.config.lr_backoff if backoff else 1.0),
-            detail=dict(decision.detail),
+            detail=detail,
         )
 
     def _enact(self, outcome: StepOutcome, stats: StepStats, signals: Signals,
-               clip_norm: torch.Tensor, clip_value: float) -> None:
+               clip_norm: torch.Tensor, clip_value: float, limit: tuple[float, float | None]
+               ) -> None:
         c = self.counters
         c["steps"] = outcome.step
         c["empty_micro_batches"] += stats.empty_micro_batches
@@ -339,20 +338,17 @@ class Guard:
                 c["warnings"] += 1
             if self._snapshot is not None and c["applied"] % self.config.snapshot_every == 0:
                 self._snapshot.capture(outcome.step)  # this state just proved itself: finite
-            # Multiply only when the coefficient may be < 1 (x1.0 is exact, so skipping it
-            # changes nothing but saves a pass over the gradients); clip_value came with the sync.
-            if 0 < self._max_grad_norm < math.inf and (
-                clip_value + 1e-6 >= self._max_grad_norm * (1 - 1e-5)
-            ):
-                self._grad_stats.clip_(self._max_grad_norm, clip_norm)
+            clip_gradients(self._grad_stats, self._per_tensor, clip_norm, clip_value, limit)
             c["clipped"] += int(outcome.clipped)
+            c["adaptive_clipped"] += int(limit[1] is not None)
             c["applied"] += 1
             c["last_applied_step"] = outcome.step
             c["consecutive_skips"] = 0
-            self._loss_detector.push(stats.loss)
-            self._grad_detector.push(stats.grad_norm)
-            self._zero_loss_run, self._pinned_run = signals.zero_loss_run, signals.pinned_run
-            self._last_norm = stats.grad_norm
+            self.signals.accept(stats, signals)
+            self.clip.update(stats.grad_norm, limit[1])
+            if limit[1] is not None and self.config.reset_moments_on_spike:
+                reset_moments(self.inner_optimizer)  # SPAM: the spike must not live on in them
+                c["moment_resets"] += 1
             return
         c["skipped"] += 1
         c["consecutive_skips"] = outcome.consecutive_skips
@@ -373,18 +369,20 @@ class Guard:
 
     def log_counters(self) -> dict[str, float]:
         """Counters for the Trainer's logs / TensorBoard / W&B, keyed ``guard/<name>``."""
-        return log_view(self.counters, self.lr_scale)
+        return log_view(self.counters, self.lr_scale,
+                        self.clip.threshold() if self.clip.adaptive else None)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and detector windows, strict-JSON safe (only finite numbers are kept); not
-        the rollback snapshot (after a resume, the first clean step makes a new one)."""
-        return {
-            "version": 1, "counters": dict(self.counters), "lr_scale": self.lr_scale,
-            "loss_window": self._loss_detector.state_dict(),
-            "grad_window": self._grad_detector.state_dict(),
-            "zero_loss_run": self._zero_loss_run, "pinned_run": self._pinned_run,
-            "last_norm": self._last_norm,
-        }
+        """Counters, detector windows and the adaptive clip's history, strict-JSON safe (only
+        finite numbers are kept); not the rollback snapshot (after a resume, the first clean
+        step makes a new one)."""
+        state = {"version": 1, "counters": dict(self.counters), "lr_scale": self.lr_scale,
+                 **self.signals.state_dict()}
+        if self.clip.adaptive:
+            state["clip"] = self.clip.state_dict()
+        if self._per_tensor is not None:
+            state["clip_per_tensor"] = self._per_tensor.state_dict()  # a sync: save time only
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (e.g. on resume from a checkpoint)."""
@@ -392,8 +390,8 @@ class Guard:
             if key in self.counters:
                 self.counters[key] = value
         self.lr_scale = float(state.get("lr_scale", 1.0))
-        self._loss_detector.load_state_dict(state.get("loss_window", []))
-        self._grad_detector.load_state_dict(state.get("grad_window", []))
-        self._zero_loss_run = int(state.get("zero_loss_run", 0))
-        self._pinned_run = int(state.get("pinned_run", 0))
-        self._last_norm = state.get("last_norm")
+        self.signals.load_state_dict(state)
+        self.clip.load_state_dict(state.get("clip", {}))
+        if self._per_tensor is not None:
+            self._per_tensor.load_state_dict(state.get("clip_per_tensor", {}),
+                                             self._grad_stats.device)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from finitetune.numerics.robust_stats import robust_z
+from finitetune.numerics.robust_stats import median, robust_scale, robust_z
 from finitetune.settings.config import GuardConfig, GuardPolicy, SpikeAction
 
 __all__ = [
@@ -73,6 +73,10 @@ class Reason(str, Enum):
 
 FAULT_REASONS = frozenset({Reason.NONFINITE_GRAD, Reason.NORM_OVERFLOW, Reason.NONFINITE_LOSS})
 SPIKE_REASONS = frozenset({Reason.LOSS_SPIKE, Reason.GRAD_SPIKE})
+CONFIRM_Z = 3.0
+"""With ``spike_confirm``: the loss z-score above which it confirms a grad-norm spike. Measured
+(``bench/bench_stability.py --healthy``): healthy norm spikes came with loss z in [-2.4, -0.2];
+``finitetune verify``'s diverging learning rate with loss z 5.7."""
 SCALER_CALIBRATION_SKIPS = 24
 """fp16 GradScaler overflows in a row tolerated on top of ``max_consecutive_skips``."""
 
@@ -114,6 +118,9 @@ class Signals:
     """Consecutive steps, this one included, whose loss is exactly 0.0."""
     pinned_run: int = 0
     """Consecutive steps, this one included, whose norm equals the previous one or the clip."""
+    loss_above_start: bool | None = None
+    """Whether the loss is above the run's starting level (the highest of its first
+    ``spike_warmup`` losses); None while that is not known."""
 
 
 @dataclass(frozen=True)
@@ -182,30 +189,63 @@ class StepOutcome:
 
 
 class SpikeDetector:
-    """Rolling window of finite values with a robust z-score. Non-finite values never enter."""
+    """Rolling window of finite values with a robust z-score. Non-finite values never enter.
 
-    def __init__(self, window: int, warmup: int, min_scale: float) -> None:
+    Each value may carry the supervised-token count of its step's window, so a window that
+    holds fewer tokens than usual (a partial last window of an epoch, a short batch) is judged
+    for what it is: a mean over ``n`` tokens varies ``sqrt(n_ref / n)`` times more than one over
+    the window's usual ``n_ref`` (the median count of the stored steps). ``kind="loss"``: the
+    spread is widened by that factor (the level of a mean does not depend on ``n``).
+    ``kind="norm"``: the norm of a mean gradient is up to that factor *larger* (its noise part
+    grows as ``1 / sqrt(n)``), so the high side is judged on ``value / sqrt(n_ref / n)``; the low
+    side on the value itself. Windows of the usual size or larger are judged as before.
+    """
+
+    def __init__(self, window: int, warmup: int, min_scale: float, kind: str = "loss") -> None:
         self.values: deque[float] = deque(maxlen=window)
+        self.tokens: deque[int | None] = deque(maxlen=window)
         self.warmup = warmup
         self.min_scale = min_scale
+        self.kind = kind
 
-    def score(self, value: float | None) -> float | None:
+    def size_ratio(self, tokens: int | None) -> float:
+        """``n_ref / n`` (>= 1): how much smaller than usual this step's window is."""
+        known = sorted(t for t in self.tokens if t)
+        if not tokens or not known:
+            return 1.0
+        return max(1.0, median([float(t) for t in known]) / tokens)
+
+    def score(self, value: float | None, tokens: int | None = None) -> float | None:
         """z-score of ``value``, or None during warm-up or for a missing/non-finite value."""
         if value is None or not math.isfinite(value) or len(self.values) < self.warmup:
             return None
-        return robust_z(self.values, value, self.min_scale)
+        scale = robust_scale(self.values, self.min_scale)
+        widen = math.sqrt(self.size_ratio(tokens))
+        if self.kind == "loss":
+            return (value - scale.center) / (scale.scale * widen)
+        if value / widen > scale.center:
+            return scale.z(value / widen)
+        return min(0.0, scale.z(value))
 
-    def push(self, value: float | None) -> None:
+    def push(self, value: float | None, tokens: int | None = None) -> None:
         """Add a value of an applied step; NaN/inf/None are dropped, never stored."""
         if value is not None and math.isfinite(value):
             self.values.append(float(value))
+            self.tokens.append(tokens)
 
     def state_dict(self) -> list[float]:
         return list(self.values)
 
-    def load_state_dict(self, values: list[float]) -> None:
+    def token_state(self) -> list[int | None]:
+        return list(self.tokens)
+
+    def load_state_dict(self, values: list[float], tokens: list[int | None] | None = None
+                        ) -> None:
         self.values.clear()
-        self.push_many(values)
+        self.tokens.clear()
+        counts = list(tokens) if tokens and len(tokens) == len(values) else [None] * len(values)
+        for v, t in zip(values, counts, strict=True):
+            self.push(v, t)
 
     def push_many(self, values: Iterable[float]) -> None:
         for v in values:
@@ -233,9 +273,21 @@ def classify(stats: StepStats, signals: Signals, config: GuardConfig) -> tuple[R
     if stats.loss_nonfinite:
         return Reason.NONFINITE_LOSS, {}
     t = config.spike_threshold
-    for reason, z in ((Reason.LOSS_SPIKE, signals.loss_z), (Reason.GRAD_SPIKE, signals.grad_z)):
-        if z is not None and z > t:
-            return reason, {"direction": "high", "z": z}
+    if signals.loss_z is not None and signals.loss_z > t:
+        detail: dict[str, Any] = {"direction": "high", "z": signals.loss_z}
+        if config.spike_confirm and signals.loss_above_start is False:
+            # a batch much harder than the median, but no worse than the run's start
+            detail.update(statistical=True, note="the loss is still below the run's starting "
+                                                 "level: warned, not acted on")
+        return Reason.LOSS_SPIKE, detail
+    if signals.grad_z is not None and signals.grad_z > t:
+        detail = {"direction": "high", "z": signals.grad_z}
+        if config.spike_confirm and signals.loss_z is not None and signals.loss_z <= CONFIRM_Z:
+            # the norm jumped, the loss did not: ordinary variance of a healthy run
+            detail.update(statistical=True, loss_z=signals.loss_z,
+                          note=f"the loss did not rise with it (z={signals.loss_z:.2g} <= "
+                               f"{CONFIRM_Z:g}): warned, not acted on")
+        return Reason.GRAD_SPIKE, detail
     for reason, z in ((Reason.LOSS_SPIKE, signals.loss_z), (Reason.GRAD_SPIKE, signals.grad_z)):
         if z is not None and z < -t:
             return reason, {"direction": "low", "z": z, "note": "far below its recent level"}
@@ -261,7 +313,8 @@ def decide(stats: StepStats, signals: Signals, ctx: PolicyContext, config: Guard
     - GradScaler calibration overflow -> skip (halts only after a run far longer than
       calibration takes);
     - non-finite gradient / loss, norm overflow -> ``config.policy``;
-    - upward spike -> ``config.spike_action``; downward spike, zero loss, pinned norm -> warn;
+    - upward spike -> ``config.spike_action``; one no second signal confirms
+      (``spike_confirm``), downward spike, zero loss, pinned norm -> warn;
     - rollback without a snapshot yet -> skip; rollbacks exhausted -> halt;
     - more than ``max_consecutive_skips`` steps in a row not applied -> halt.
     """
@@ -279,7 +332,8 @@ def decide(stats: StepStats, signals: Signals, ctx: PolicyContext, config: Guard
         action = Action.SKIP
     elif reason in FAULT_REASONS:
         action = _FAULT_ACTION[GuardPolicy(config.policy)]
-    elif reason in SPIKE_REASONS and detail.get("direction") == "high":
+    elif reason in SPIKE_REASONS and detail.get("direction") == "high" and (
+            not detail.get("statistical")):
         action = _SPIKE_ACTION[SpikeAction(config.spike_action)]
     else:
         action = Action.APPLY  # warnings: the step goes through

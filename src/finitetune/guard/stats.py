@@ -63,6 +63,9 @@ class GradStats:
             for (device, dtype), ([tensors], _) in grouped.items()
         ]
         self._grads: list[tuple[torch.device, list[torch.Tensor]]] = []
+        self.norms: torch.Tensor | None = None
+        """This step's per-tensor norms (device), in the order of the gradients it holds; None
+        when some trainable parameter has no gradient (per-tensor clipping then sits out)."""
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (``GRAD_FIELDS`` vector in float64, clip norm tensor). No host sync.
@@ -71,6 +74,7 @@ class GradStats:
         vector carries it too so the host knows whether clipping is needed at all.
         """
         self._grads = []
+        self.norms = None
         norms = []
         for device, dtype, params in self.groups:
             grads = [g for g in (p.grad for p in params) if g is not None]
@@ -88,6 +92,8 @@ class GradStats:
             zero = torch.zeros((), device=self.device)
             return torch.zeros(len(GRAD_FIELDS), dtype=self.dtype, device=self.device), zero
         vec = norms[0] if len(norms) == 1 else torch.cat(norms)
+        if len(vec) == len(self.params):
+            self.norms = vec
         clip_norm = torch.linalg.vector_norm(vec, 2.0)
         v = vec.to(self.dtype)
         packed = torch.stack([
@@ -122,9 +128,24 @@ class GradStats:
         for device, grads in self._grads:
             torch._foreach_mul_(grads, coef.to(device))
 
+    def scale_(self, coef: torch.Tensor, max_norm: float) -> None:
+        """Multiply each gradient by its factor in ``coef`` (one per tensor, in ``norms``'
+        order), then cap the scaled total at ``max_norm`` (``inf``: no cap). Device-side: one
+        ``_foreach_mul_`` per (device, dtype) group, no sync."""
+        assert self.norms is not None
+        if max_norm < float("inf"):
+            total = torch.linalg.vector_norm(self.norms.float() * coef, 2.0)
+            coef = coef * torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        start = 0
+        for device, grads in self._grads:
+            part = coef[start:start + len(grads)].to(device=device, dtype=grads[0].dtype)
+            torch._foreach_mul_(grads, list(part.unbind()))
+            start += len(grads)
+
     def release(self) -> None:
         """Drop the references to this step's gradients (so ``zero_grad`` can free them)."""
         self._grads = []
+        self.norms = None
 
 
 _COUNTS: dict[tuple[bool, bool, torch.device, torch.dtype], torch.Tensor] = {}

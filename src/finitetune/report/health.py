@@ -31,7 +31,7 @@ CE_MARGIN = 2.5
 """Nats above ``ln(vocab)`` (a uniform prediction) that a badly initialised head may add."""
 NOT_METRICS = ("runtime", "per_second", "preparation_time")
 SEVERITIES = ("critical", "warning", "info")
-SERIES = ("loss", "grad_norm", "learning_rate", "skipped")
+SERIES = ("loss", "grad_norm", "learning_rate", "skipped", "guard/clip_threshold")
 
 
 @dataclass
@@ -73,7 +73,8 @@ class HealthReport:
     """The evaluation that improved (in words), when one did."""
     before: HealthReport | None = None
     series: dict[str, list[Any]] = field(default_factory=dict, repr=False)
-    """Per-entry columns (step, loss, grad_norm, learning_rate, skipped) for the plots."""
+    """Per-entry columns (step, loss, grad_norm, learning_rate, skipped, the adaptive clip
+    threshold) for the plots."""
     eval_series: dict[str, list[Any]] = field(default_factory=dict, repr=False)
     """Per-evaluation columns (step and every eval metric) for the plots."""
     events: list[dict[str, Any]] = field(default_factory=list, repr=False)

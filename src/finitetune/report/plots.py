@@ -3,9 +3,10 @@
 A NaN cannot be drawn as a point, which is exactly why plots of broken runs look deceptively
 clean; every non-finite entry is therefore marked on the step axis, and so is every event the
 run recorded (guard skips and rollbacks, refused saves, loss-scaler skips: any kind, each in its
-own colour). A ``--compare`` run is overlaid, dashed. matplotlib is imported here only, lazily,
-with the Agg backend: the report must work on headless CI machines and ``import
-finitetune.report`` must stay cheap.
+own colour). A run with adaptive clipping also gets its threshold drawn on the grad-norm plot
+(a norm above the line was cut to it). A ``--compare`` run is overlaid, dashed. matplotlib is
+imported here only, lazily, with the Agg backend: the report must work on headless CI machines
+and ``import finitetune.report`` must stay cheap.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ MAX_POINTS = 5000
 """Points drawn per line; longer series are thinned (markers of bad steps are kept)."""
 PLOTS = (("loss", "Loss"), ("grad_norm", "Gradient norm (pre-clip)"),
          ("learning_rate", "Learning rate"))
+THRESHOLD = "guard/clip_threshold"
+"""The adaptive clip threshold in force at each logged step (``GuardConfig(clip="adaptive")``),
+drawn on the grad-norm plot."""
 EVENT_COLOURS = ("#b3261e", "#1565c0", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f", "#5d4037")
 
 
@@ -54,6 +58,8 @@ def figures(report: HealthReport) -> list[tuple[str, Any]]:
         for label, r in runs:
             dashed = label == "before"
             _draw(ax, label, r.series, key, dashed)
+            if key == "grad_norm":
+                _draw_threshold(ax, label, r.series, dashed)
             if key == "loss" and r.eval_series.get("eval_loss"):
                 _draw(ax, f"{label}: eval_loss", r.eval_series, "eval_loss", dashed, eval_=True)
             elif key.startswith("eval_"):
@@ -109,6 +115,18 @@ def _draw(ax: Any, label: str, series: dict, key: str, dashed: bool, eval_: bool
         shown = skip[:: max(1, len(skip) // MAX_POINTS)]
         ax.plot(shown, [0.06] * len(shown), "|", color="#9a6700", ms=9, transform=axis,
                 clip_on=False, label=f"{label}: skipped steps ({len(skip)})")
+
+
+def _draw_threshold(ax: Any, label: str, series: dict, dashed: bool) -> None:
+    """The adaptive clip threshold as a step line: a norm above it was cut to (at most) it."""
+    pts = [(s, v) for s, v in zip(series.get("step", []), series.get(THRESHOLD) or [],
+                                  strict=False) if v is not None and math.isfinite(v)]
+    if not pts:
+        return
+    pts = pts[:: max(1, len(pts) // MAX_POINTS)]
+    ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", lw=1.0,
+            ls=":" if dashed else "-", color="#6d4c41", alpha=0.8,
+            label=f"{label}: adaptive clip threshold")
 
 
 def event_kind(event: dict[str, Any]) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["PRECISION_ALIASES", "BadSampleSkip", "GuardPolicy", "LabelPolicy", "LossMode",
-           "Precision", "RankMismatchAction", "RollbackSource", "SpikeAction", "StrChoice",
+__all__ = ["PRECISION_ALIASES", "BadSampleSkip", "ClipMode", "GuardPolicy", "LabelPolicy",
+           "LossMode", "Precision", "RankMismatchAction", "RollbackSource", "SpikeAction", "StrChoice",
            "Template", "Truncation"]
 
 
@@ -82,6 +82,16 @@ class SpikeAction(StrChoice):
     """Restore the last good snapshot, multiply the learning rate by ``lr_backoff``, drop the batch."""
     HALT = "halt"
     """Stop training."""
+
+
+class ClipMode(StrChoice):
+    """How the guard chooses the norm it clips the gradients to."""
+
+    FIXED = "fixed"
+    """``max_grad_norm`` on every step, exactly as ``clip_grad_norm_`` (the Trainer's own)."""
+    ADAPTIVE = "adaptive"
+    """ZClip: a threshold that follows the EMA mean and spread of the recent norms and cuts
+    outliers (``clip_z`` standard deviations above the mean); never above ``max_grad_norm``."""
 
 
 class RollbackSource(StrChoice):

@@ -27,6 +27,7 @@ from typing import Any
 from finitetune.errors import SettingError
 from finitetune.settings.choices import PRECISION_ALIASES as PRECISION_ALIASES
 from finitetune.settings.choices import BadSampleSkip as BadSampleSkip
+from finitetune.settings.choices import ClipMode as ClipMode
 from finitetune.settings.choices import GuardPolicy as GuardPolicy
 from finitetune.settings.choices import LabelPolicy as LabelPolicy
 from finitetune.settings.choices import LossMode as LossMode
@@ -49,7 +50,7 @@ from finitetune.settings.validation import (
 )
 
 __all__ = [
-    "PRECISION_ALIASES", "BadSampleSkip", "DataConfig", "GuardConfig", "GuardPolicy",
+    "PRECISION_ALIASES", "BadSampleSkip", "ClipMode", "DataConfig", "GuardConfig", "GuardPolicy",
     "LabelPolicy", "LossMode", "Precision", "RankMismatchAction", "RollbackSource", "SpikeAction",
     "StrChoice", "Template", "TrainConfig", "Truncation",
 ]
@@ -75,6 +76,30 @@ class GuardConfig:
     ``None``: plain :class:`~finitetune.Guard` does not clip; ``GuardCallback`` uses the
     Trainer's ``args.max_grad_norm``. ``0`` disables clipping in both."""
 
+    clip: ClipMode | str = choice(ClipMode.FIXED)
+    """``fixed``: clip to ``max_grad_norm`` (the Trainer's own behaviour, bit for bit).
+    ``adaptive``: ZClip, a threshold following the EMA mean and spread of the recent pre-clip
+    norms (below); never above ``max_grad_norm`` when that is set."""
+
+    clip_z: float = real(2.5, gt=0)
+    """Adaptive clipping: a norm more than this many standard deviations above the EMA mean is
+    cut (ZClip's ``z_thresh``)."""
+
+    clip_alpha: float = real(0.97, gt=0, lt=1)
+    """Adaptive clipping: EMA factor of the norm's mean and variance (ZClip's ``alpha``)."""
+
+    clip_warmup: int = integer(25, ge=2)
+    """Adaptive clipping: applied steps whose norms start the EMA; until then only
+    ``max_grad_norm`` clips (ZClip's ``warmup_steps``)."""
+
+    clip_per_tensor: bool = flag(False)
+    """Adaptive clipping: also cut each parameter tensor to 1.05x the EMA of its own norm
+    (AdaGC). Off by default: it lost accuracy on ``bench/bench_stability.py``'s grid."""
+
+    reset_moments_on_spike: bool = flag(False)
+    """Adaptive clipping: after a step the threshold cut, zero the optimizer's moments and
+    restart its step count (SPAM). Off by default: see ``bench/bench_stability.py``."""
+
     max_consecutive_skips: int = integer(5, ge=0)
     """Halt with :class:`finitetune.NonFiniteHalt` when more than this many steps in a row are
     not applied (skips, rollbacks, LR reductions, empty windows)."""
@@ -99,6 +124,16 @@ class GuardConfig:
     """Smallest spread the detector assumes, as a fraction of the median's magnitude, so a nearly
     constant signal does not turn tiny wiggles into spikes (with the defaults a value must be
     more than 20 % above the median to count)."""
+
+    spike_confirm: bool = flag(True)
+    """Act on an upward spike (``spike_action``) only when a second signal confirms it: a
+    grad-norm spike when the loss of the same step is also more than 3 robust standard
+    deviations above its level (or no loss is observed); a loss spike when the loss is also
+    above the run's starting level (the highest of its first ``spike_warmup`` losses).
+    Otherwise the spike is a warning: healthy runs have norm spikes with a flat loss, and
+    batches far harder than the median (a few examples the model still gets wrong) but no worse
+    than where the run started (measured: ``bench/bench_stability.py --healthy``); a corrupt
+    batch or a diverging run moves both signals. False acts on every spike."""
 
     spike_action: SpikeAction | str = choice(SpikeAction.SKIP)
     """Action on an upward loss or grad-norm spike: ``warn``, ``skip``, ``reduce_lr``,
@@ -158,6 +193,11 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.clip != ClipMode.ADAPTIVE:
+            for name in ("clip_per_tensor", "reset_moments_on_spike"):
+                if getattr(self, name):
+                    raise SettingError(name, True, "false unless clip is 'adaptive' (it is a "
+                                       "part of adaptive clipping); set clip: adaptive")
         if self.spike_warmup > self.spike_window:
             raise SettingError(
                 "spike_warmup", self.spike_warmup,

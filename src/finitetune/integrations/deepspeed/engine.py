@@ -158,6 +158,10 @@ def check(engine: Any, config: GuardConfig) -> int:
         raise ConfigError("rollback needs a restorable snapshot of the parameters, which ZeRO-3 "
                           "partitions across ranks: use policy/spike_action skip, reduce_lr or "
                           "halt with ZeRO-3, or ZeRO-1/2 for rollback.")
+    if config.clip != "fixed":
+        raise ConfigError("adaptive clipping needs the guard to clip, but under DeepSpeed the "
+                          "gradients are clipped inside DeepSpeed's step with its fixed "
+                          "gradient_clipping: use clip='fixed' with DeepSpeed.")
     clip = float(engine.gradient_clipping() or 0.0)
     if config.max_grad_norm is not None and float(config.max_grad_norm) != clip:
         raise ConfigError(
