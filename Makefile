@@ -57,7 +57,7 @@ bench: $(VENV)/.installed-demo install
 	$(BIN)/python -m bench.run_all
 
 # The demo's stability cells and healthy runs (SmolLM2; hours on 2 cores; resumable).
-bench-demo: $(VENV)/.installed-demo
+bench-demo: $(VENV)/.installed-demo install
 	$(BIN)/python -m bench.bench_stability --demo --cells runs/bench-demo-cells.json
 	$(BIN)/python -m bench.bench_stability --demo --healthy --cells runs/bench-demo-cells.json
 

@@ -18,6 +18,8 @@ TORCH_SEAMS: dict[str, str] = {
     "torch._foreach_copy_": "the in-memory rollback snapshot: copy every tensor in one call",
     "torch._foreach_mul_": "clipping with the norm already computed (what "
                            "torch.nn.utils.clip_grad_norm_ does inside)",
+    "torch._foreach_zero_": "the moment reset after a spike (SPAM): every moment tensor "
+                            "zeroed in one call",
     "torch.utils._foreach_utils._group_tensors_by_device_and_dtype": "the same grouping "
                            "torch's own clipping uses, so the guard launches O(groups) kernels",
     "torch.utils._python_dispatch.TorchDispatchMode": "finitetune.testing.count_host_syncs "
