@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", help="variants to run (grid default: a,b,c,d1,d2; "
                                        "--healthy: b,c); b0,c0 on request")
     p.add_argument("--title", help="the history section's title (default: by mode)")
+    p.add_argument("--note", help="a sentence for the history section (the conditions)")
     p.add_argument("--cells", help="JSON file the finished cells are kept in (resumable)")
     p.add_argument("--summarize", action="store_true", help="only tabulate --cells")
     p.add_argument("--no-append", action="store_true")
@@ -455,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     if when:
         body += (f"\n\nRuns measured {when[0]} to {when[-1]}: {len(when)} `finitetune train` "
                  "runs, each in this process (the `--cells` file keeps them).")
+    if args.note:
+        body += f"\n\n{args.note}"
     print(body)
     if not args.no_append:
         from bench.common import append_result

@@ -17,7 +17,7 @@ from torch import nn
 
 from finitetune import Guard, GuardConfig
 from finitetune.errors import ConfigError
-from finitetune.guard.clipping import ADAGC_RELATIVE, AdaptiveClip
+from finitetune.guard.clipping import ADAGC_RELATIVE, AdaptiveClip, cut_applied
 from finitetune.guard.policy import Action, Reason
 from finitetune.testing import (
     assert_same_state,
@@ -88,7 +88,8 @@ def test_zclip_arithmetic_warmup_threshold_reciprocal_cut_and_cap():
     # Must: during warm-up only the cap (max_grad_norm) acts; then the EMA starts from the
     # warm-up's mean and variance; a norm whose z-score passes clip_z is cut to
     # mean + z_max^2 * std / z; the EMA takes the cut value; a norm below the threshold leaves
-    # only the cap; nothing is ever above max_grad_norm.
+    # only the cap; nothing is ever above max_grad_norm, and a cut above the cap is not
+    # counted as one (it only feeds the history).
     clip = AdaptiveClip(GuardConfig(clip="adaptive", clip_warmup=4, max_grad_norm=5.0), 5.0)
     for norm in (1.0, 2.0, 1.0, 2.0):
         assert clip.limit(norm) == (5.0, None) and clip.threshold() == 5.0
@@ -98,12 +99,14 @@ def test_zclip_arithmetic_warmup_threshold_reciprocal_cut_and_cap():
     assert clip.limit(2.0) == (5.0, None)  # z = 1: no cut
     limit, cut = clip.limit(4.0)  # z = 5
     assert cut == pytest.approx(1.5 + 2.5 ** 2 * 0.5 / 5) == limit
+    assert cut_applied((limit, cut))
     clip.update(4.0, cut)
     assert clip.mean == pytest.approx(0.97 * 1.5 + 0.03 * cut)
     high = AdaptiveClip(GuardConfig(clip="adaptive", clip_warmup=2, max_grad_norm=1.0), 1.0)
     for norm in (10.0, 12.0):
         high.update(norm, None)
     assert high.threshold() == 1.0 and high.limit(40.0)[0] == 1.0  # the cap wins
+    assert high.limit(40.0)[1] > 1.0 and not cut_applied(high.limit(40.0))
 
 
 def test_a_spike_is_cut_to_the_adaptive_threshold_and_nothing_else_changes():

@@ -42,7 +42,7 @@ from finitetune.guard.stats import GradStats
 from finitetune.settings.config import ClipMode, GuardConfig
 
 __all__ = ["ADAGC_BETA", "ADAGC_RELATIVE", "AdaptiveClip", "PerTensorClip", "clip_gradients",
-           "reset_moments"]
+           "cut_applied", "reset_moments"]
 
 ZCLIP_EPS = 1e-6
 """Added to the standard deviation in the z-score (ZClip's ``eps``): a constant history
@@ -172,6 +172,13 @@ class PerTensorClip:
         self.total = None if total is None else torch.tensor(total, dtype=torch.float32,
                                                               device=device)
         self.seen = int(state.get("seen", 0))
+
+
+def cut_applied(limit: tuple[float, float | None]) -> bool:
+    """Whether the adaptive threshold, not ``max_grad_norm``, set this step's clip value
+    (``limit``: what :meth:`AdaptiveClip.limit` returned). A cut above the cap changes nothing
+    but the history, so it is not counted as one."""
+    return limit[1] is not None and limit[1] <= limit[0]
 
 
 def clip_gradients(grads: GradStats, per_tensor: PerTensorClip | None, clip_norm: torch.Tensor,

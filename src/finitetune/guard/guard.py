@@ -42,6 +42,7 @@ from finitetune.guard.clipping import (
     AdaptiveClip,
     PerTensorClip,
     clip_gradients,
+    cut_applied,
     reset_moments,
 )
 from finitetune.guard.counters import REASON_COUNTER, log_view, new_counters
@@ -311,7 +312,7 @@ class Guard:
         detail = dict(decision.detail)
         if self.clip.adaptive:
             detail.setdefault("clip_threshold", self.clip.threshold())
-        if applied and limit[1] is not None:  # the adaptive threshold cut this step
+        if applied and cut_applied(limit):  # the adaptive threshold cut this step
             detail["adaptive_clip"] = limit[0]
         return StepOutcome(
             step=step, applied=applied, action=decision.action, reason=decision.reason,
@@ -340,13 +341,13 @@ class Guard:
                 self._snapshot.capture(outcome.step)  # this state just proved itself: finite
             clip_gradients(self._grad_stats, self._per_tensor, clip_norm, clip_value, limit)
             c["clipped"] += int(outcome.clipped)
-            c["adaptive_clipped"] += int(limit[1] is not None)
+            c["adaptive_clipped"] += int(cut_applied(limit))
             c["applied"] += 1
             c["last_applied_step"] = outcome.step
             c["consecutive_skips"] = 0
             self.signals.accept(stats, signals)
             self.clip.update(stats.grad_norm, limit[1])
-            if limit[1] is not None and self.config.reset_moments_on_spike:
+            if cut_applied(limit) and self.config.reset_moments_on_spike:
                 reset_moments(self.inner_optimizer)  # SPAM: the spike must not live on in them
                 c["moment_resets"] += 1
             return

@@ -94,11 +94,15 @@ class GuardConfig:
 
     clip_per_tensor: bool = flag(False)
     """Adaptive clipping: also cut each parameter tensor to 1.05x the EMA of its own norm
-    (AdaGC). Off by default: it lost accuracy on ``bench/bench_stability.py``'s grid."""
+    (AdaGC), on the device. Off by default: on ``bench/bench_stability.py``'s tiny grid it
+    moved single cells by at most 3 points of exact match, both ways, and rescued no learning
+    rate. Refused under FSDP2 (its gradients are shards)."""
 
     reset_moments_on_spike: bool = flag(False)
     """Adaptive clipping: after a step the threshold cut, zero the optimizer's moments and
-    restart its step count (SPAM). Off by default: see ``bench/bench_stability.py``."""
+    restart its step count (SPAM). Off by default: it acts only after a cut, and on
+    ``bench/bench_stability.py``'s tiny grid the threshold cut no step, so it has no measured
+    benefit."""
 
     max_consecutive_skips: int = integer(5, ge=0)
     """Halt with :class:`finitetune.NonFiniteHalt` when more than this many steps in a row are
