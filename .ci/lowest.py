@@ -9,6 +9,7 @@ declared lower bounds are exactly what CI tests.
 
 import re
 import sys
+
 import tomllib
 
 with open(sys.argv[1], "rb") as fh:
