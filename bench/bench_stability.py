@@ -111,10 +111,10 @@ def patched_recipe():
         return trainer, loss
 
     def train_and_evaluate(cfg, out, model, tokenizer, rows, eval_recs, eval_rows, eval_kwargs,
-                           result, args, loss=None):
+                           *rest: Any) -> Any:
         try:
             return train_eval(cfg, out, model, tokenizer, rows, eval_recs, eval_rows,
-                              eval_kwargs, result, args, loss)
+                              eval_kwargs, *rest)
         except Exception:
             _Cell.em_on_failure = evaluation.exact_match(
                 model, tokenizer, eval_recs, **eval_kwargs)["exact_match"]

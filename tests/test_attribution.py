@@ -218,10 +218,21 @@ def test_bounds_switches_and_errors_never_stop_training(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("out of memory (simulated)")
 
+    # a replay that fails: the step is still skipped and the gradients' facts stand
     monkeypatch.setattr(attribution, "replay_forward", boom)
     guard, _ = guarded(model, tmp_path / "err")
     nan_step(model, guard, 1)
     (ev,) = events(tmp_path / "err")
+    assert ev["action"] == "skip" and ev["verdict"] == "not_replayed"
+    assert "simulated" in ev["attribution"]["note"] and ev["attribution"]["replays"] == []
+    assert ev["nonfinite_param_count"] > 0 and ev["nonfinite_params"]
+    assert ev["sample_ids"] == [10, 11, 12, 13]
+
+    # attribution itself failing (here: reading the gradients) never stops training either
+    monkeypatch.setattr(attribution.Attributor, "_grads", boom)
+    guard, _ = guarded(model, tmp_path / "err2")
+    nan_step(model, guard, 1)
+    (ev,) = events(tmp_path / "err2")
     assert ev["action"] == "skip" and "simulated" in ev["attribution_error"]
 
 

@@ -339,10 +339,9 @@ def _trainer_ddp_nan_on_rank1(out_dir: str) -> dict:
         output_dir=out_dir, max_steps=1, per_device_train_batch_size=2, use_cpu=True,
         report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
         fsdp=True, fsdp_config={"fsdp_version": 2})
-    fsdp_trainer = Trainer(model=model, args=fsdp_args, train_dataset=rows,
-                           compute_loss_func=SafeCausalLMLoss(), callbacks=[GuardCallback()])
-    try:
-        fsdp_trainer.train()
+    try:  # refused when the Trainer is built (the callback checks it there), before any step
+        Trainer(model=model, args=fsdp_args, train_dataset=rows,
+                compute_loss_func=SafeCausalLMLoss(), callbacks=[GuardCallback()]).train()
         out["fsdp_error"] = None
     except ConfigError as exc:
         out["fsdp_error"] = str(exc)

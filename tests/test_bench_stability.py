@@ -1,0 +1,35 @@
+"""The stability benchmark measures through ``finitetune train``'s own recipe, with seams it
+patches in (the Trainer without the guard for variant (a), a step timer, a log recorder, an
+evaluation of a run that failed). When the recipe's functions change shape, these seams must
+still fit: one short cell of each kind, on the tiny model, checked for what the tables use."""
+
+from __future__ import annotations
+
+import pytest
+from bench import bench_stability as B
+
+
+@pytest.mark.parametrize("variant", ["a", "c"])
+def test_one_cell_runs_the_recipe_and_measures_what_the_tables_show(tmp_path, variant):
+    with B.patched_recipe():
+        cell = B.run_cell(variant, 0, {"model": "tiny", "max_steps": 4}, str(tmp_path / "run"))
+    assert cell["error"] is None
+    assert cell["steps"] == 4 and cell["finite"] is True
+    assert 0.0 <= cell["em"] <= 1.0
+    assert cell["train_s"] > 0 and cell["step_s"] > 0
+    if variant == "a":  # the plain Trainer: no guard anywhere in the run
+        assert B._Cell.trainer is not None
+        assert cell["guard_s"] is None and cell["skipped"] == 0
+    else:
+        assert cell["guard_s"] > 0
+
+
+def test_a_failed_run_is_still_evaluated_as_it_stands(tmp_path):
+    """A halt is a measured outcome, not a crash of the benchmark: the cell keeps the exact
+    match of the weights the run stopped with."""
+    settings = {"model": "tiny", "max_steps": 6, "learning_rate": 1e6,
+                "guard": {"policy": "halt", "spike_warmup": 2}}
+    with B.patched_recipe():
+        cell = B.run_cell("b", 0, settings, str(tmp_path / "run"))
+    assert cell["error"] is not None
+    assert cell["em"] is not None and 0.0 <= cell["em"] <= 1.0
