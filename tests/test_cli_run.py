@@ -173,7 +173,13 @@ def test_rollback_to_disk_restores_a_program_s_own_checkpoint(tmp_path):
 
 def test_a_program_without_a_trainer_keeps_its_exit_code(tmp_path, capsys):
     assert main(["run", "--", sys.executable, "-c", "raise SystemExit(7)"]) == 7
-    assert "nothing was guarded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no transformers.Trainer that started training (it exited with code 7)" in err
+    assert "nothing was guarded" in err
+    # --no-guard (a control run): no guard to speak of, the program's code all the same
+    assert main(["run", "--no-guard", "--", sys.executable, "-c", "raise SystemExit(7)"]) == 7
+    err = capsys.readouterr().err
+    assert "(it exited with code 7)." in err and "guarded" not in err
 
 
 def test_the_environment_s_own_sitecustomize_still_runs(tmp_path, capsys):

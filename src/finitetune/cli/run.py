@@ -178,9 +178,11 @@ def _conclude(runs: list[Any], rc: int, args: argparse.Namespace) -> int:
                         else f"finitetune run: error: {r.refused}"), file=sys.stderr)
     if refused:  # stopped when the Trainer was built: nothing of it trained, nothing written
         return rc or 2
-    if not runs:
-        print("finitetune run: the program built no transformers.Trainer that started "
-              "training: nothing was guarded.", file=sys.stderr)
+    if not runs:  # its own error is above; say only what finitetune saw
+        exited = f" (it exited with code {rc})" if rc else ""
+        guarded = "" if args.no_guard else ": nothing was guarded"
+        print(f"finitetune run: the program built no transformers.Trainer that started "
+              f"training{exited}{guarded}.", file=sys.stderr)
         return rc
     for run in runs:
         c = run.counters
