@@ -99,6 +99,7 @@ STABILITY = "Stability: tiny model, learning rate x1 to x32"
 STABILITY_DEMO = "Stability: demo cells"
 HEALTHY = "Healthy runs: steps not applied"
 HEALTHY_DEMO = "Healthy demo runs: steps not applied"
+CI = "CI: .ci/run wall time, version matrix included"
 _COST = r"\| adaptive clipping's extra work / median step \|\s*\*\*(-?[\d.]+)%"
 _DELTA = r"\| exact match, adaptive - fixed \(mean of 3 seeds\) \|\s*([+-]?[\d.]+) points"
 _N90 = r"\(c\) mean [\d.]+ %, >= 90 % in (\d)/3"
@@ -182,6 +183,12 @@ TARGETS = [
     Target("demo", "training time / 180 s budget", DEMO,
            r"\| training time / 180 s budget \|\s*([\d.]+)", "<=", 1.0,
            "three minutes on 2 CPU cores"),
+    Target("CI", ".ci/run on a clean clone, warm package cache (lint, suite, version matrix)",
+           CI, r"\| \.ci/run, warm package cache \|[^|]*\|\s*\*\*([\d.]+) min", "<=", 45.0,
+           "CI on the 2-core machine stays under 45 minutes, the version matrix included", " min"),
+    Target("CI", ".ci/run on a clean clone, cold package cache", CI,
+           r"\| \.ci/run, cold package cache \|[^|]*\|\s*\*\*([\d.]+) min", "<=", 45.0,
+           "the same with uv's package cache empty (every wheel downloaded)", " min"),
     Target("tiny model", "exact match after training", TINY,
            r"\| exact match after training \|\s*([\d.]+)%", ">=", 90.0,
            "the tiny model learns its task", "%"),
