@@ -40,6 +40,31 @@ def test_readme_demo_figures_are_the_measured_ones():
     assert f"{budget} of its 3-minute" in demo
 
 
+def _paragraph(start: str) -> str:
+    text = README[README.index(start):] + "\n\n"
+    return text[:text.index("\n\n")]
+
+
+def test_readme_clipping_and_ci_figures_are_the_measured_ones():
+    clip = " ".join(_paragraph("**Spikes and clipping.**").split())
+    healthy = _table_value("spike rules", "steps not applied on healthy tiny runs (partial "
+                           "windows, random tokens; 3 seeds; fixed and adaptive clip)")
+    assert f"3 seeds: **{healthy}**" in clip
+    rescued = _table_value("adaptive clipping", "tiny, at the lowest LR multiple where (a) or "
+                           "(b) fails: seeds with (c) adaptive >= 90 % exact match")
+    assert f"90 % exact match in **{rescued}** of 3 seeds" in clip
+    delta = _table_value("adaptive clipping", "tiny, default LR: exact match, adaptive - fixed")
+    cost = _table_value("adaptive clipping", "tiny, default LR: its extra work / median step")
+    assert f"loses **{delta}** of exact match" in clip
+    assert f"costs **{cost.replace('%', ' %')}** of a step" in clip
+    ci = " ".join(_paragraph("`make test` runs the suite").split())
+    warm = _table_value("CI", ".ci/run on a clean clone, warm package cache (lint, suite, "
+                        "version matrix)")
+    cold = _table_value("CI", ".ci/run on a clean clone, cold package cache")
+    assert f"takes {warm.replace(' min', ' minutes')}" in ci
+    assert f"{cold.replace(' min', '')} with a cold one" in ci
+
+
 def test_nothing_cites_what_a_reader_cannot_open():
     pattern = re.compile(r"\bissue [0-9]|\u00a7|DESIGN\.md", re.I)
     found = []
