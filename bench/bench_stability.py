@@ -390,7 +390,7 @@ def healthy(cells: Cells, tmp: str, demo: bool, variants: list[str]) -> str:
     """Healthy runs: steps not applied (target 0) and warnings, per config and variant."""
     data = Path(tmp) / "data"
     data.mkdir(exist_ok=True)
-    per: dict[tuple[str, str], list[dict]] = {}
+    per: dict[tuple[str, str], list[dict | None]] = {}
     for seed in SEEDS:
         for name, settings in healthy_configs(data, seed, demo).items():
             for v in variants:
@@ -401,16 +401,20 @@ def healthy(cells: Cells, tmp: str, demo: bool, variants: list[str]) -> str:
     rows = ["| run | variant | steps (seeds 0/1/2) | not applied | warnings | what warned |",
             "|---|---|---|---|---|---|"]
     total_not_applied = 0
+    def each(cs: list[dict | None], field: str) -> str:  # "-": a seed not measured (--summarize)
+        return " / ".join("-" if c is None else str(c[field]) for c in cs)
+
     for (name, v), cs in per.items():
+        measured = [c for c in cs if c is not None]
+        if not measured:
+            continue
         reasons: dict[str, int] = {}
-        for c in cs:
+        for c in measured:
             for k, n in c["events"].items():
                 reasons[k] = reasons.get(k, 0) + n
-        total_not_applied += sum(c["skipped"] for c in cs)
-        rows.append(f"| {name} | ({v}) {VARIANTS[v][0]} | "
-                    f"{' / '.join(str(c['steps']) for c in cs)} | "
-                    f"{' / '.join(str(c['skipped']) for c in cs)} | "
-                    f"{' / '.join(str(c['warnings']) for c in cs)} | "
+        total_not_applied += sum(c["skipped"] for c in measured)
+        rows.append(f"| {name} | ({v}) {VARIANTS[v][0]} | {each(cs, 'steps')} | "
+                    f"{each(cs, 'skipped')} | {each(cs, 'warnings')} | "
                     f"{', '.join(f'{k} x{n}' for k, n in sorted(reasons.items())) or '-'} |")
     rows += ["", "| healthy runs, all of the above | value |", "|---|---|",
              f"| steps not applied, total | **{total_not_applied}** |"]
@@ -454,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {json.dumps(c, sort_keys=True): c for c in cells.done.values() if c}
     when = sorted(c["finished"] for c in runs.values() if c.get("finished"))
     if when:
-        body += (f"\n\nRuns measured {when[0]} to {when[-1]}: {len(when)} `finitetune train` "
-                 "runs, each in this process (the `--cells` file keeps them).")
+        body += (f"\n\nThe `--cells` file holds {len(when)} `finitetune train` runs (all modes), "
+                 f"measured {when[0]} to {when[-1]}, each in this process.")
     if args.note:
         body += f"\n\n{args.note}"
     print(body)
