@@ -55,7 +55,12 @@ def test_readme_clipping_and_ci_figures_are_the_measured_ones():
     assert f"90 % exact match in **{rescued}** of 3 seeds" in clip
     delta = _table_value("adaptive clipping", "tiny, default LR: exact match, adaptive - fixed")
     cost = _table_value("adaptive clipping", "tiny, default LR: its extra work / median step")
-    assert f"loses **{delta}** of exact match" in clip
+    demo_rescued = _table_value("adaptive clipping", "demo, at the failing multiple: seeds with "
+                                "(c) >= 90 %")
+    assert f"on the demo at 16x, in **{demo_rescued}** of 3" in clip
+    demo_delta = _table_value("adaptive clipping", "demo, default LR: exact match, adaptive - "
+                              "fixed")
+    assert f"by **{delta}** (tiny) and **{demo_delta}** (demo)" in clip
     assert f"costs **{cost.replace('%', ' %')}** of a step" in clip
     ci = " ".join(_paragraph("`make test` runs the suite").split())
     warm = _table_value("CI", ".ci/run on a clean clone, warm package cache (lint, suite, "
