@@ -100,6 +100,8 @@ STABILITY_DEMO = "Stability: demo cells"
 HEALTHY = "Healthy runs: steps not applied"
 HEALTHY_DEMO = "Healthy demo runs: steps not applied"
 CI = "CI: .ci/run wall time, version matrix included"
+WHOLE = (STABILITY, STABILITY_DEMO)
+"""Sections the page shows in full below the table (the stability grids: every cell)."""
 _COST = r"\| adaptive clipping's extra work / median step \|\s*\*\*(-?[\d.]+)%"
 _DELTA = r"\| exact match, adaptive - fixed \(mean of 3 seeds\) \|\s*([+-]?[\d.]+) points"
 _N90 = r"\(c\) mean [\d.]+ %, >= 90 % in (\d)/3"
@@ -250,7 +252,8 @@ def page_markdown(history: str, last_run: str | None = None) -> str:
         "(`python -m bench.run_all`); each figure is a ratio measured within one run (shared "
         "machines drift by ±10 % between runs). Every run's full tables, machine and versions "
         "are in [benchmarks-history.md](benchmarks-history.md); the targets and their "
-        "reasons are in `bench/run_all.py`.",
+        "reasons are in `bench/run_all.py`. Below the table: the newest stability grids, every "
+        "cell.",
         "",
         "| area | measure | target | measured | met | why this bound | measured on | machine |",
         "|---|---|---|---|---|---|---|---|",
@@ -258,6 +261,10 @@ def page_markdown(history: str, last_run: str | None = None) -> str:
     ]
     if last_run:
         lines += ["", last_run]
+    for title in WHOLE:  # tables that a row cannot summarise: shown whole, newest run
+        if title in newest:
+            date, body = newest[title]
+            lines += ["", f"## {title} ({date})", "", body.strip()]
     return "\n".join(lines) + "\n"
 
 

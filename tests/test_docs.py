@@ -70,6 +70,20 @@ def test_readme_clipping_and_ci_figures_are_the_measured_ones():
     assert f"{cold.replace(' min', '')} with a cold one" in ci
 
 
+def test_the_benchmark_page_holds_the_whole_stability_grid():
+    # every learning-rate multiple x every grid variant of the tiny model, and the demo's cells
+    tiny = TABLE[TABLE.index("## Stability: tiny model"):]
+    for mult, lr in ((1, "0.003"), (2, "0.006"), (4, "0.012"), (8, "0.024"), (16, "0.048"),
+                     (32, "0.096")):
+        for variant in ("(a)", "(b)", "(c)", "(d1)", "(d2)"):
+            assert re.search(rf"^\| {mult}x \({lr}\) \| {re.escape(variant)} ", tiny, re.M), \
+                (mult, variant)
+    demo = TABLE[TABLE.index("## Stability: demo cells"):]
+    for mult in ("1x (0.001)", "16x (0.016)"):
+        for variant in ("(b)", "(c)"):
+            assert f"| {mult} | {variant} " in demo
+
+
 def test_nothing_cites_what_a_reader_cannot_open():
     pattern = re.compile(r"\bissue [0-9]|\u00a7|DESIGN\.md", re.I)
     found = []
