@@ -31,41 +31,49 @@ def _table_value(area: str, measure: str) -> str:
     raise AssertionError(f"no row {area} / {measure} in docs/benchmarks.md")
 
 
-def test_readme_demo_figures_are_the_measured_ones():
-    accuracy = _table_value("demo", "exact match after training").rstrip("%")
-    budget = _table_value("demo", "training time / 180 s budget")
-    demo = README[README.index("The demo (`make demo`)"):]
-    demo = demo[:demo.index("\n\n")]
-    assert f"**{accuracy} %**" in demo
-    assert f"{budget} of its 3-minute" in demo
-
-
 def _paragraph(start: str) -> str:
+    """The README paragraph that begins with ``start``, its lines joined by single spaces."""
     text = README[README.index(start):] + "\n\n"
-    return text[:text.index("\n\n")]
+    return " ".join(text[:text.index("\n\n")].split())
+
+
+def _assert_figures(start: str, checks: list[tuple[str, str, str]]) -> None:
+    """Each (area, measure, phrase): the phrase, with ``{}`` replaced by the table's value for
+    that row as the README writes it ("93 %" for "93%"), is in the README paragraph beginning
+    with ``start``."""
+    paragraph = _paragraph(start)
+    for area, measure, phrase in checks:
+        expected = phrase.format(_table_value(area, measure).replace("%", " %"))
+        assert expected in paragraph, f"README says otherwise than the table: {expected!r}"
+
+
+def test_readme_demo_figures_are_the_measured_ones():
+    _assert_figures("The demo (`make demo`)", [
+        ("demo", "exact match after training", "**{}**"),
+        ("demo", "training time / 180 s budget", "{} of its 3-minute"),
+    ])
 
 
 def test_readme_clipping_and_ci_figures_are_the_measured_ones():
-    clip = " ".join(_paragraph("**Spikes and clipping.**").split())
-    healthy = _table_value("spike rules", "steps not applied on healthy tiny runs (partial "
-                           "windows, random tokens; 3 seeds; fixed and adaptive clip)")
-    assert f"3 seeds: **{healthy}**" in clip
-    rescued = _table_value("adaptive clipping", "tiny, at the lowest LR multiple where (a) or "
-                           "(b) fails: seeds with (c) adaptive >= 90 % exact match")
-    assert f"90 % exact match in **{rescued}** of 3 seeds" in clip
-    delta = _table_value("adaptive clipping", "tiny, default LR: exact match, adaptive - fixed")
-    cost = _table_value("adaptive clipping", "tiny, default LR: its extra work / median step")
-    demo_rescued = _table_value("adaptive clipping", "demo, at the failing multiple: seeds with "
-                                "(c) >= 90 %")
-    assert f"on the demo at 16x, in **{demo_rescued}** of 3" in clip
-    demo_delta = _table_value("adaptive clipping", "demo, default LR: exact match, adaptive - "
-                              "fixed")
-    assert f"by **{delta}** (tiny) and **{demo_delta}** (demo)" in clip
-    assert f"costs **{cost.replace('%', ' %')}** of a step" in clip
-    ci = " ".join(_paragraph("`make test` runs the suite").split())
+    healthy = ("steps not applied on healthy tiny runs (partial windows, random tokens; 3 seeds; "
+               "fixed and adaptive clip)")
+    rescued = ("tiny, at the lowest LR multiple where (a) or (b) fails: seeds with (c) adaptive "
+               ">= 90 % exact match")
+    _assert_figures("**Spikes and clipping.**", [
+        ("spike rules", healthy, "3 seeds: **{}**"),
+        ("adaptive clipping", rescued, "90 % exact match in **{}** of 3 seeds"),
+        ("adaptive clipping", "demo, at the failing multiple: seeds with (c) >= 90 %",
+         "on the demo at 16x, in **{}** of 3"),
+        ("adaptive clipping", "tiny, default LR: exact match, adaptive - fixed", "by **{}** (tiny)"),
+        ("adaptive clipping", "demo, default LR: exact match, adaptive - fixed",
+         "and **{}** (demo)"),
+        ("adaptive clipping", "tiny, default LR: its extra work / median step",
+         "costs **{}** of a step"),
+    ])
     warm = _table_value("CI", ".ci/run on a clean clone, warm package cache (lint, suite, "
                         "version matrix)")
     cold = _table_value("CI", ".ci/run on a clean clone, cold package cache")
+    ci = _paragraph("`make test` runs the suite")
     assert f"takes {warm.replace(' min', ' minutes')}" in ci
     assert f"{cold.replace(' min', '')} with a cold one" in ci
 
