@@ -6,7 +6,7 @@ lines inserted at the top and index 49 is another row, the poisoned one has move
 resume keyed by index would drop a healthy row and train on the poisoned one. So each
 remembered sample also carries the fingerprint of its content, and each record the
 fingerprint of the whole data set: when the data changed, a resume finds the remembered rows
-by content (:meth:`finitetune.guard.bad_batches.BadSampleMemory.remap`), and says which it
+by content (:func:`finitetune.guard.sample_remap.remap`), and says which it
 could not find.
 
 A row's fingerprint is the SHA-256 of the canonical JSON of the record as read (its fields,

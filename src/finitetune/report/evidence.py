@@ -20,12 +20,10 @@ from typing import Any
 
 from finitetune.report.fmt import num
 from finitetune.report.records import ParsedLog, is_accuracy
-from finitetune.report.stats import Trend
+from finitetune.report.stats import Trend, trend_word
 
-__all__ = ["VERDICTS", "conclusion", "eval_improvement", "learns", "verdict"]
+__all__ = ["conclusion", "eval_improvement", "learns", "verdict"]
 
-VERDICTS = ("unhealthy", "warning", "inconclusive", "healthy")
-"""Worst first."""
 EVAL_MIN_CHANGE = 0.01
 """An eval loss must fall by at least 1 % (relative) to count as an improvement."""
 
@@ -117,8 +115,7 @@ def conclusion(worst: str, titles: list[str], trend: Trend, learning: bool | Non
         else:
             text = f"The model learns: {improvement}."
     elif learning is False:
-        word = {"increasing": "rising"}.get(trend.direction, trend.direction)
-        text = f"No sign of learning: the loss is {word} (significant over {trend.n} points)."
+        text = f"No sign of learning: the loss is {trend_word(trend)} (significant over {trend.n} points)."
     elif worst == "inconclusive":
         text = ("Inconclusive: nothing in this log shows that the model learns ("
                 f"{_no_evidence(trend, entries, loss_logged)}, and no evaluation that "

@@ -151,13 +151,11 @@ def resume_record(changes: dict[str, tuple[Any, Any]], index: int, *, checkpoint
     old values in comments."""
     import yaml
 
+    from finitetune.settings.validation import set_dotted
+
     tree: dict[str, Any] = {}
     for name, (_old, new) in sorted(changes.items()):
-        node = tree
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = new
+        set_dotted(tree, name, new)
     head = [f"# resume {index} of this run ({when}), from {checkpoint or 'step 0'} (step {step})",
             "# the settings it changed; the others are config.yaml's (and earlier resumes')"]
     head += [f"#   {name}: {old!r} -> {new!r}" for name, (old, new) in sorted(changes.items())]

@@ -11,7 +11,7 @@ from typing import Any
 from finitetune.errors import SettingError
 from finitetune.settings.config import TrainConfig
 from finitetune.settings.files import read_settings
-from finitetune.settings.validation import build, check_layers, flatten, merge
+from finitetune.settings.validation import build, check_layers, flatten, merge, set_dotted
 
 __all__ = ["PRESETS", "flatten", "resolve_config", "resolve_run_config"]
 
@@ -80,7 +80,7 @@ def _resolve(config_file: str | None, overrides: dict[str, Any],
     from_file, file_lines = read_settings(config_file) if config_file else ({}, {})
     nested_flags: dict[str, Any] = {}
     for dotted, value in overrides.items():
-        _set(nested_flags, dotted.split("."), value)
+        set_dotted(nested_flags, dotted, value)
     base, base_source = recorded or ({}, "")
     model = (nested_flags.get("model") or from_file.get("model") or base.get("model")
              or "demo")
@@ -96,7 +96,3 @@ def _resolve(config_file: str | None, overrides: dict[str, Any],
         raise exc.located(where.get(exc.setting, "default")) from None
 
 
-def _set(tree: dict, keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value

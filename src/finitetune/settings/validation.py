@@ -336,6 +336,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """The inverse of :func:`flatten` for one key: ``data.max_length`` -> ``tree['data']
+    ['max_length']``, making the sections on the way."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
 def merge(base: dict, over: dict) -> dict:
     """``over`` on top of ``base``, section by section (a nested mapping merges, not replaces)."""
     out = dict(base)

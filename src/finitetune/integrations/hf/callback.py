@@ -171,7 +171,6 @@ class GuardCallback(TrainerCallback, ExportableState):
         previous = trainer.__dict__.pop("_finitetune_session", None)
         if previous is not None:
             previous.close()
-        check_trainer(trainer)
         self.guard = self._make_guard(trainer, args, state)
         session_cls: type[GuardSession] = GuardSession
         if getattr(trainer, "is_deepspeed_enabled", False):  # the decision inside ZeRO's step

@@ -49,7 +49,7 @@ from finitetune.guard.disk_rollback import DiskRollback, load_safetensors_weight
 from finitetune.guard.policy import Reason
 from finitetune.guard.state_check import check_state
 from finitetune.integrations.hf.mixin import install_construction_hook
-from finitetune.integrations.hf.seams import check_checkpoint_seams
+from finitetune.integrations.hf.seams import check_environment
 from finitetune.rundir import files as run_files
 from finitetune.rundir.checkpoints import CheckpointHealth, Health, inspect_checkpoint, write_marker
 from finitetune.rundir.resume import prepare_resume, record_event
@@ -130,7 +130,8 @@ class CheckpointCallback(TrainerCallback):
         Trainer is built with this callback or it is added with ``add_callback``)."""
         if self.trainer is trainer:
             return self
-        check_checkpoint_seams(trainer)
+        # the seams it wraps: a save wrapper that never ran would let a poisoned state reach disk
+        check_environment()
         self.trainer = trainer
         train, save = trainer.train, trainer._save_checkpoint
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from finitetune.errors import ConfigError
 
-__all__ = ["SEAMS", "TESTED", "Seam", "capabilities", "check_checkpoint_seams",
+__all__ = ["SEAMS", "TESTED", "Seam", "capabilities",
            "check_environment", "check_trainer", "dtype_kwargs", "fsdp2",
            "missing_decision_error", "sequential_kwargs", "shifts_labels",
            "use_sequential_sampler", "versions_note"]
@@ -185,12 +185,6 @@ def check_trainer(trainer: Any) -> None:
                           f"the guard reads to count tokens. {versions_note()}")
     check_parallelism(trainer)
 
-
-def check_checkpoint_seams(trainer: Any) -> None:
-    """The seams :class:`~finitetune.integrations.hf.checkpoint_callback.CheckpointCallback`
-    wraps or calls; a save wrapper that never runs would let a poisoned state reach disk."""
-    del trainer  # the seams are the Trainer class's; kept for the callers' symmetry
-    check_environment()
 
 
 def shifts_labels(trainer: Any) -> bool:

@@ -17,6 +17,7 @@ from finitetune.report.rules.base import (
     runs,
     where,
 )
+from finitetune.report.stats import trend_word
 
 STUCK_PATIENCE = 3
 """Consecutive entries of loss exactly 0.0 (or grad norm 0.0) before it counts as stuck."""
@@ -203,10 +204,9 @@ def trend(c: Context) -> list[dict[str, Any]]:
             "learning rate (too low: no change; too high: noise), frozen parameters, labels; "
             "more logged steps (logging_steps) to see a trend."))
     elif t.direction in ("flat", "increasing") and t.evidence == "strong":
-        word = "rising" if t.direction == "increasing" else "flat"
         out.append(finding(
             "loss_not_decreasing", "warning",
-            f"Loss is {word}, not decreasing (Theil–Sen slope {t.slope:.3g}/step, "
+            f"Loss is {trend_word(t)}, not decreasing (Theil–Sen slope {t.slope:.3g}/step, "
             f"significant over {t.n} points)",
             "A fine-tune whose loss does not fall over the run is not learning.",
             "learning rate (too low: flat; too high: rising), frozen parameters, labels."))
