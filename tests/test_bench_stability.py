@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 from bench import bench_stability as B
 
+from finitetune.integrations.hf.callback import guard_of
+
 
 @pytest.mark.parametrize("variant", ["a", "c"])
 def test_one_cell_runs_the_recipe_and_measures_what_the_tables_show(tmp_path, variant):
@@ -17,10 +19,13 @@ def test_one_cell_runs_the_recipe_and_measures_what_the_tables_show(tmp_path, va
     assert cell["steps"] == 4 and cell["finite"] is True
     assert 0.0 <= cell["em"] <= 1.0
     assert cell["train_s"] > 0 and cell["step_s"] > 0
+    trainer = B._Cell.trainer
+    callbacks = {type(cb).__name__ for cb in trainer.callback_handler.callbacks}
     if variant == "a":  # the plain Trainer: no guard anywhere in the run
-        assert B._Cell.trainer is not None
+        assert guard_of(trainer) is None and "GuardCallback" not in callbacks
         assert cell["guard_s"] is None and cell["skipped"] == 0
     else:
+        assert guard_of(trainer) is not None and "GuardCallback" in callbacks
         assert cell["guard_s"] > 0
 
 
@@ -31,5 +36,5 @@ def test_a_failed_run_is_still_evaluated_as_it_stands(tmp_path):
                 "guard": {"policy": "halt", "spike_warmup": 2}}
     with B.patched_recipe():
         cell = B.run_cell("b", 0, settings, str(tmp_path / "run"))
-    assert cell["error"] is not None
+    assert cell["error"] == "NonFiniteHalt" and cell["steps"] < 6
     assert cell["em"] is not None and 0.0 <= cell["em"] <= 1.0

@@ -178,7 +178,7 @@ def test_one_checkpoint_callback_however_it_arrives(tmp_path):
 
 # ---- restored callbacks keep counting -----------------------------------------------------------
 def test_counters_and_halts_survive_a_restored_callback(tmp_path):
-    # Fault: NaN at step 2 (run a, checkpoints every 2 steps). Run b resumes from checkpoint-2
+    # Fault: NaN at step 2 (run a, checkpoints every 2 steps). Run b resumes from checkpoint-4
     # with restore_callback_states_from_checkpoint=True (the Trainer rebuilds the GuardCallback
     # from the checkpoint) and NaN gradients from then on, max_consecutive_skips=1. Must: the
     # Trainer's guard (guard_of, what finitetune run's summary reads) carries a's counters on,
