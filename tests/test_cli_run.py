@@ -276,6 +276,7 @@ def test_a_second_program_on_a_trainer_s_output_dir_is_refused_naming_the_first(
         first.kill()
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"{out} is in use: finitetune run (" in second.stderr
+    assert second.stderr.count(f"{out} is in use") == 1  # said once, by finitetune run
     assert f"pid {holder} on" in second.stderr and "Traceback" not in second.stderr
     assert first.returncode == 0, err[-3000:]
     steps = [m["step"] for m in _lines(out / "metrics.jsonl")]

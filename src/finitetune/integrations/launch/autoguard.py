@@ -172,9 +172,7 @@ def _hold(trainer: Any, folders: list[Path], s: dict[str, Any]) -> None:
             _HELD[key] = RunLock(folder, command).__enter__()
         except OutputError as exc:
             refused_record(s["manifest"], str(folder), str(exc), who="lock",
-                           trainer=type(trainer).__name__)
-            print(f"finitetune run: refusing to guard {type(trainer).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
+                           trainer=type(trainer).__name__)  # finitetune run prints it
             raise SystemExit(2) from None
 
 
